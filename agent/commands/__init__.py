@@ -1,0 +1,14 @@
+"""CLI subcommands: one module per command group, each exporting ``add_parser(subparsers)``.
+
+A command's handler takes the parsed ``argparse.Namespace`` and returns an exit code; it raises
+:class:`agent.errors.AgentError` for failures the operator should read. Only ``agent.__main__`` exits.
+To add a command: write ``agent/commands/<name>.py`` and list it below.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from agent.commands import config_cmd
+
+COMMAND_MODULES: tuple[ModuleType, ...] = (config_cmd,)

@@ -1,0 +1,216 @@
+"""Configuration: typed sections, loaded once from a TOML file plus ``EDGE_AGENT_*`` environment overrides.
+
+Settings are data plus one load step (:func:`load_settings`); nothing reads the environment at import
+time, so tests build a :class:`Settings` directly and pass it in. Every field has a description: the
+same text documents the file (``docs/configuration.md``) and ``edge-agent config check``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from agent.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
+ENV_PREFIX = "EDGE_AGENT_"
+
+_TOPIC_FORBIDDEN = ("+", "#", "\x00")
+
+
+def validate_topic_level(value: str, what: str = "value") -> str:
+    """Reject anything that is not exactly one concrete MQTT topic level."""
+    if not value:
+        raise ValueError(f"{what} must not be empty")
+    if "/" in value or any(c in value for c in _TOPIC_FORBIDDEN):
+        raise ValueError(f"{what} must be a single MQTT topic level without '/', '+', '#' or NUL: {value!r}")
+    if len(value.encode()) > 128:
+        raise ValueError(f"{what} must be at most 128 bytes")
+    return value
+
+
+def _default_device_id() -> str:
+    """The hostname, made safe to use as one topic level."""
+    name = socket.gethostname().split(".")[0] or "edge-agent"
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
+
+
+class Section(BaseModel):
+    """Base for config sections: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MqttSettings(Section):
+    host: str = Field("127.0.0.1", description="Broker host name or address.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker TCP port.")
+    protocol: Literal["5", "3.1.1"] = Field(
+        "5", description="MQTT protocol version the agent speaks to the broker (5 recommended)."
+    )
+    topic_prefix: str = Field("edge", description="All topics live under this prefix.")
+    username: str | None = Field(None, description="Broker user name.")
+    password: SecretStr | None = Field(
+        None,
+        description="Broker password. Prefer the systemd credential 'mqtt_password' "
+        "($CREDENTIALS_DIRECTORY) over putting it here.",
+    )
+    tls: bool = Field(False, description="Connect with TLS.")
+    ca_file: Path | None = Field(None, description="CA bundle to verify the broker (TLS).")
+    cert_file: Path | None = Field(None, description="Client certificate (TLS client auth).")
+    key_file: Path | None = Field(None, description="Client private key (TLS client auth).")
+    keepalive_s: int = Field(30, ge=5, le=65535, description="MQTT keepalive interval in seconds.")
+    session_expiry_s: int = Field(
+        3600,
+        ge=0,
+        description="How long the broker keeps our session (and undelivered requests) while we are away.",
+    )
+    reconnect_min_s: float = Field(0.5, gt=0, description="First reconnect delay; doubles up to the maximum.")
+    reconnect_max_s: float = Field(30.0, gt=0, description="Longest delay between reconnect attempts.")
+    client_id: str | None = Field(None, description="MQTT client id; default 'edge-agent-<device_id>'.")
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix_is_concrete(cls, value: str) -> str:
+        if not value or value.startswith("/") or value.endswith("/"):
+            raise ValueError("topic_prefix must be non-empty and must not start or end with '/'")
+        for level in value.split("/"):
+            validate_topic_level(level, "each level of topic_prefix")
+        return value
+
+
+class ModelSettings(Section):
+    path: Path | None = Field(
+        None, description="Serve this local GGUF file as is. Leave empty to choose from the catalog."
+    )
+    n_ctx: int = Field(2048, ge=64, le=1_048_576, description="Context window in tokens.")
+    threads: int = Field(0, ge=0, le=1024, description="Generation threads; 0 = physical cores.")
+    n_batch: int = Field(512, ge=8, le=65536, description="Prompt-processing batch size.")
+    chat_format: str | None = Field(
+        None,
+        description="Force a llama-cpp-python chat format; default: the template in the GGUF file. "
+        "A model without one only accepts the plain 'prompt' form.",
+    )
+    seed: int = Field(-1, description="Sampling seed; -1 = random.")
+
+
+class InferenceSettings(Section):
+    max_queue: int = Field(8, ge=0, le=10_000, description="Requests waiting behind the running one.")
+    max_payload_bytes: int = Field(
+        65_536, ge=256, description="Larger request payloads are refused with 'too_large'."
+    )
+    max_tokens_limit: int = Field(
+        1024, ge=1, description="Upper bound on a request's max_tokens (larger values are clamped)."
+    )
+    default_max_tokens: int = Field(128, ge=1, description="max_tokens when a request gives none.")
+    dedup_window_s: float = Field(
+        600.0, ge=0, description="A request id seen again within this window is not served twice."
+    )
+    shutdown_grace_s: float = Field(
+        20.0, ge=0, description="On SIGTERM, how long the running generation may take to finish."
+    )
+
+
+class HardwareSettings(Section):
+    sys_root: Path = Field(Path("/sys"), description="Root of sysfs (tests point it at fixture trees).")
+    proc_root: Path = Field(Path("/proc"), description="Root of procfs (tests point it at fixture trees).")
+
+
+class LogSettings(Section):
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    format: Literal["auto", "json", "console"] = Field(
+        "auto", description="'auto' = JSON lines when stdout is not a TTY (journald), console otherwise."
+    )
+
+
+class Settings(BaseSettings):
+    """The whole agent configuration (the file's top level)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+        case_sensitive=False,
+    )
+
+    device_id: str = Field(
+        default_factory=_default_device_id,
+        description="This device's name: one MQTT topic level. Default: the hostname.",
+    )
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)  # type: ignore[arg-type]
+    model: ModelSettings = Field(default_factory=ModelSettings)  # type: ignore[arg-type]
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)  # type: ignore[arg-type]
+    hardware: HardwareSettings = Field(default_factory=HardwareSettings)  # type: ignore[arg-type]
+    log: LogSettings = Field(default_factory=LogSettings)  # type: ignore[arg-type]
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id_is_topic_level(cls, value: str) -> str:
+        return validate_topic_level(value, "device_id")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file (the file arrives as init kwargs).
+        return (env_settings, init_settings)
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """Render pydantic errors as one line per key path, the way an operator reads a config file."""
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = err.get("input")
+        detail = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
+        lines.append(f"  {path}: {msg}{detail}")
+    return "\n".join(lines)
+
+
+def load_settings(path: Path | None = None, *, required: bool = False, **overrides: Any) -> Settings:
+    """Read the TOML file (if present), apply ``EDGE_AGENT_*`` overrides, validate.
+
+    Raises :class:`ConfigError` naming each bad key path. A missing file is an error only when
+    ``required`` (the operator named it explicitly).
+    """
+    config_path = path or DEFAULT_CONFIG_PATH
+    data: dict[str, Any] = {}
+    if config_path.exists():
+        try:
+            data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"invalid TOML in {config_path}: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot read {config_path}: {exc.strerror}") from exc
+    elif required:
+        raise ConfigError(f"config file not found: {config_path}")
+    data.update(overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(config_path))) from exc
+
+
+def redacted_dict(settings: Settings) -> dict[str, Any]:
+    """The effective configuration as plain data with secrets masked (for printing)."""
+    return settings.model_dump(mode="json")  # SecretStr dumps as '**********'
+
+
+def credentials_dir() -> Path | None:
+    """systemd's ``$CREDENTIALS_DIRECTORY`` (LoadCredential=), where secrets live on a device."""
+    value = os.environ.get("CREDENTIALS_DIRECTORY")
+    return Path(value) if value else None
