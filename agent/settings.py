@@ -91,10 +91,10 @@ class ModelSettings(Section):
     n_ctx: int = Field(2048, ge=64, le=1_048_576, description="Context window in tokens.")
     threads: int = Field(0, ge=0, le=1024, description="Generation threads; 0 = physical cores.")
     n_batch: int = Field(512, ge=8, le=65536, description="Prompt-processing batch size.")
-    chat_format: str | None = Field(
+    chat_template: str | None = Field(
         None,
-        description="Force a llama-cpp-python chat format; default: the template in the GGUF file. "
-        "A model without one only accepts the plain 'prompt' form.",
+        description="Jinja chat template to use instead of the one in the GGUF file. Without either, "
+        "the model only accepts the plain 'prompt' form.",
     )
     seed: int = Field(-1, description="Sampling seed; -1 = random.")
 

@@ -9,6 +9,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from agent.commands import config_cmd
+from agent.commands import ask, config_cmd, run
 
-COMMAND_MODULES: tuple[ModuleType, ...] = (config_cmd,)
+COMMAND_MODULES: tuple[ModuleType, ...] = (ask, config_cmd, run)

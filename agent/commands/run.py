@@ -1,0 +1,36 @@
+"""``edge-agent run``: the long-running daemon (what systemd starts)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from agent.commands.config_cmd import add_config_argument
+from agent.logs import configure_logging
+from agent.settings import load_settings
+
+
+def add_parser(subparsers: Any) -> None:
+    run = subparsers.add_parser("run", help="run the agent daemon in the foreground")
+    add_config_argument(run)
+    run.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config, required=args.config is not None)
+    configure_logging(settings.log.level, settings.log.format)
+    from agent.daemon import Daemon  # noqa: PLC0415 - keeps `config check` free of llama/paho imports
+
+    daemon = Daemon(settings, notifier=_notifier())
+    daemon.install_signal_handlers()
+    return daemon.run()
+
+
+def _notifier() -> Any:
+    try:
+        from agent.sdnotify import Notifier  # noqa: PLC0415
+    except ImportError:
+        return None
+    import os  # noqa: PLC0415
+
+    return Notifier.from_environ(os.environ)

@@ -1,0 +1,175 @@
+"""The daemon's lifecycle in one place: signals → startup → main loop → graceful shutdown.
+
+The main thread owns every decision; paho's thread only enqueues events and the inference worker
+only generates. A first SIGTERM/SIGINT starts a graceful shutdown (finish the running generation
+within the grace period, answer queued requests 'cancelled', publish 'offline'); a second one exits
+at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Protocol
+
+import structlog
+
+from agent import __version__
+from agent.engine.llama import LlamaEngine, LoadedModel
+from agent.errors import ConfigError
+from agent.services.inference import InferenceService
+from agent.settings import Settings
+from agent.transport.mqtt import Connected, Disconnected, Incoming, LinkEvent, MqttLink
+from agent.transport.topics import DeviceTopics
+from agent.transport.wire import Status
+
+log = structlog.get_logger("agent.daemon")
+
+TICK_S = 1.0
+
+
+class Notifier(Protocol):
+    """What the daemon needs from sd_notify (agent/sdnotify.py); a no-op outside systemd."""
+
+    def ready(self, status: str | None = None) -> None: ...
+    def status(self, text: str) -> None: ...
+    def watchdog(self) -> None: ...
+    def stopping(self) -> None: ...
+    def watchdog_interval_s(self) -> float | None: ...
+
+
+class _NoNotifier:
+    def ready(self, status: str | None = None) -> None:
+        return None
+
+    def status(self, text: str) -> None:
+        return None
+
+    def watchdog(self) -> None:
+        return None
+
+    def stopping(self) -> None:
+        return None
+
+    def watchdog_interval_s(self) -> float | None:
+        return None
+
+
+class Daemon:
+    def __init__(self, settings: Settings, notifier: Notifier | None = None) -> None:
+        self._settings = settings
+        self._notifier: Notifier = notifier or _NoNotifier()
+        self._topics = DeviceTopics(settings.mqtt.topic_prefix, settings.device_id)
+        self._events: queue.SimpleQueue[LinkEvent | str] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._signals = 0
+        self._started = time.time()
+        self._ready_sent = False
+        self._model: LoadedModel | None = None
+
+    # -- signals -----------------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            # Second signal: the operator wants out now.
+            os._exit(1)
+        self._stop.set()
+        self._events.put("stop")
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start, serve until a signal, shut down cleanly; returns the process exit code."""
+        settings = self._settings
+        if settings.model.path is None:
+            raise ConfigError("model.path is not set: give the GGUF file to serve ([model] path = ...)")
+        self._notifier.status("loading model")
+        engine = LlamaEngine(
+            settings.model.path,
+            n_ctx=settings.model.n_ctx,
+            threads=settings.model.threads,
+            n_batch=settings.model.n_batch,
+            chat_template=settings.model.chat_template,
+            seed=settings.model.seed,
+        )
+        self._model = engine.load()
+        link = MqttLink(
+            settings.mqtt,
+            settings.mqtt.client_id or f"edge-agent-{settings.device_id}",
+            self._events.put,
+            will=(self._topics.status, self._status_payload("offline")),
+            manual_ack=True,
+            persistent_session=True,
+            on_connect_publish=lambda: link.publish(
+                self._topics.status, self._status_payload("online"), qos=1, retain=True
+            ),
+        )
+        service = InferenceService(engine, link, settings.inference, settings.device_id, self._model.name)
+        link.subscribe([(self._topics.infer, 1), (self._topics.infer_cancel, 1)])
+        service.start()
+        self._notifier.status(f"connecting to {settings.mqtt.host}:{settings.mqtt.port}")
+        link.start()
+        log.info(
+            "agent_started",
+            device_id=settings.device_id,
+            version=__version__,
+            broker=f"{settings.mqtt.host}:{settings.mqtt.port}",
+            infer_topic=self._topics.infer,
+        )
+        try:
+            self._main_loop(service)
+        finally:
+            self._notifier.stopping()
+            log.info("agent_stopping", grace_s=settings.inference.shutdown_grace_s)
+            service.shutdown(settings.inference.shutdown_grace_s)
+            link.stop(final=(self._topics.status, self._status_payload("offline")))
+            engine.close()
+            log.info("agent_stopped", served=service.counters.served, failed=service.counters.failed)
+        return 0
+
+    def _main_loop(self, service: InferenceService) -> None:
+        interval = self._notifier.watchdog_interval_s()
+        tick = min(TICK_S, interval) if interval else TICK_S
+        infer, cancel = self._topics.infer, self._topics.infer_cancel
+        while not self._stop.is_set():
+            try:
+                event = self._events.get(timeout=tick)
+            except queue.Empty:
+                event = None
+            self._notifier.watchdog()
+            if isinstance(event, Incoming):
+                if event.topic == infer:
+                    service.submit(event)
+                elif event.topic == cancel:
+                    service.cancel(event)
+            elif isinstance(event, Connected):
+                if not self._ready_sent:
+                    self._notifier.ready(f"serving {self._model.name if self._model else '?'} on {infer}")
+                    self._ready_sent = True
+                else:
+                    self._notifier.status(f"serving on {infer} (reconnected)")
+            elif isinstance(event, Disconnected):
+                self._notifier.status("broker unreachable; reconnecting")
+
+    def _status_payload(self, state: str) -> bytes:
+        model = self._model
+        status = Status(
+            state=state,  # type: ignore[arg-type]
+            device_id=self._settings.device_id,
+            version=__version__,
+            model=model.name if model else None,
+            n_ctx=model.n_ctx if model else None,
+            threads=model.threads if model else None,
+            since=round(time.time(), 3),
+        )
+        return json.dumps(status.model_dump(exclude_none=True)).encode()

@@ -1,0 +1,1 @@
+"""The llama.cpp owner: the only package that imports llama_cpp."""

@@ -1,0 +1,351 @@
+"""Inference over MQTT: admit requests, run them one at a time, stream and answer, then acknowledge.
+
+Threads: paho's network thread hands messages to the daemon's main thread, which calls
+:meth:`InferenceService.submit` / :meth:`cancel`; one worker thread owns the engine. A request's
+PUBLISH is acknowledged only after its final reply has been handed to paho, so a request that was
+in flight when the process died is redelivered by the broker (persistent session) and answered then.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import structlog
+
+from agent.engine.llama import GenerationResult, LlamaEngine, SamplingParams
+from agent.errors import AgentError, BadRequestError, CancelledError, DeadlineExceededError, OverloadedError
+from agent.services.queueing import BoundedQueue, RecentKeys, deadline_for
+from agent.settings import InferenceSettings
+from agent.transport.mqtt import Incoming, MqttLink
+from agent.transport.topics import is_concrete_topic
+from agent.transport.wire import (
+    FinalReply,
+    InferRequest,
+    Timings,
+    Usage,
+    chunk_payload,
+    error_payload,
+    parse_cancel,
+    parse_request,
+    peek_reply_fields,
+)
+
+log = structlog.get_logger("agent.inference")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyAddress:
+    topic: str
+    correlation_data: bytes | None
+
+
+@dataclass(slots=True)
+class Job:
+    request_id: str
+    dedup_key: str
+    request: InferRequest
+    reply: ReplyAddress
+    message: Incoming
+    deadline: float | None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(slots=True)
+class Counters:
+    served: int = 0
+    failed: int = 0
+    rejected: int = 0
+    tokens: int = 0
+    last_tokens_per_second: float = 0.0
+
+
+class InferenceService:
+    """Admission, the single worker, replies, acknowledgements."""
+
+    def __init__(
+        self,
+        engine: LlamaEngine,
+        link: MqttLink,
+        settings: InferenceSettings,
+        device_id: str,
+        model_name: str,
+    ) -> None:
+        self._engine = engine
+        self._link = link
+        self._settings = settings
+        self._device_id = device_id
+        self._model_name = model_name
+        self._queue: BoundedQueue[Job] = BoundedQueue(capacity=settings.max_queue + 1)
+        self._recent = RecentKeys(settings.dedup_window_s)
+        self._lock = threading.Lock()
+        self._in_system = 0
+        self._current: Job | None = None
+        self._pending: dict[str, Job] = {}
+        self._accepting = True
+        self._worker = threading.Thread(target=self._work, name="inference-worker", daemon=True)
+        self.counters = Counters()
+
+    # -- main thread -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._worker.start()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        return self._current is not None
+
+    def submit(self, message: Incoming) -> None:
+        """Validate and admit one request; anything wrong is answered (if possible) and acknowledged."""
+        if not self._accepting:
+            # Shutting down: leave it unacknowledged so the broker redelivers it after restart.
+            log.info("request_deferred", reason="shutting_down")
+            return
+        reply = self._reply_address(message)
+        try:
+            request = parse_request(message.payload, self._settings.max_payload_bytes)
+        except BadRequestError as exc:
+            rid, reply_to = peek_reply_fields(message.payload)
+            if reply is None and reply_to and is_concrete_topic(reply_to):
+                reply = ReplyAddress(reply_to, message.correlation_data)
+            self._reject(message, reply, rid, exc)
+            return
+        if reply is None and request.reply_to:
+            if is_concrete_topic(request.reply_to):
+                reply = ReplyAddress(request.reply_to, message.correlation_data)
+            else:
+                self._reject(message, None, request.id, BadRequestError("reply_to must be a topic without wildcards"))
+                return
+        if reply is None:
+            log.warning("request_dropped", id=request.id, reason="no_reply_address", topic=message.topic)
+            self._link.ack(message)
+            return
+        request_id = request.id or uuid.uuid4().hex
+        key = request.id or hashlib.sha1(  # noqa: S324 - a dedup key, not security
+            message.payload + (message.correlation_data or b"") + reply.topic.encode()
+        ).hexdigest()
+        if self._recent.check_and_add(key, time.monotonic()):
+            with self._lock:
+                pending = self._pending.get(key)
+                if pending is not None:
+                    # Redelivered while still queued/running: the final reply acknowledges this delivery.
+                    pending.message = message
+            log.info("request_duplicate", id=request_id, dup=message.dup, in_progress=pending is not None)
+            if pending is None:
+                self._link.ack(message)
+            return
+        job = Job(
+            request_id=request_id,
+            dedup_key=key,
+            request=request,
+            reply=reply,
+            message=message,
+            deadline=deadline_for(message.received_at, message.message_expiry_s, request.deadline_ms),
+        )
+        if job.deadline is not None and time.monotonic() >= job.deadline:
+            self._finish_error(job, DeadlineExceededError("the request expired before it could start"))
+            return
+        with self._lock:
+            admitted = self._in_system < self._settings.max_queue + 1 and self._queue.offer(job)
+            if admitted:
+                self._in_system += 1
+                self._pending[key] = job
+        if not admitted:
+            self._finish_error(
+                job,
+                OverloadedError(
+                    f"queue full ({self._settings.max_queue} waiting); try again later",
+                    retry_after_ms=self._retry_after_ms(),
+                ),
+            )
+            return
+        log.debug("request_queued", id=request_id, depth=len(self._queue))
+
+    def cancel(self, message: Incoming) -> None:
+        """Cancel a queued request (answered at once) or the running one (stops within a token)."""
+        self._link.ack(message)
+        try:
+            cancel = parse_cancel(message.payload)
+        except BadRequestError as exc:
+            log.warning("cancel_invalid", reason=str(exc))
+            return
+        queued = self._queue.remove_first(lambda j: j.request_id == cancel.id)
+        if queued is not None:
+            with self._lock:
+                self._in_system -= 1
+                self._pending.pop(queued.dedup_key, None)
+            self._finish_error(queued, CancelledError("cancelled by the caller"))
+            return
+        current = self._current
+        if current is not None and current.request_id == cancel.id:
+            current.cancel.set()
+            log.info("cancel_requested", id=cancel.id)
+            return
+        log.info("cancel_unknown", id=cancel.id)
+
+    def shutdown(self, grace_s: float) -> None:
+        """Stop admitting, answer queued requests 'cancelled', give the running one ``grace_s``."""
+        self._accepting = False
+        for job in self._queue.close():
+            self._finish_error(job, CancelledError("the device is shutting down"))
+        self._worker.join(grace_s)
+        current = self._current
+        if current is not None:
+            current.cancel.set()
+            self._worker.join(5.0)
+
+    # -- worker thread -----------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.take(timeout=1.0)
+            if job is None:
+                if not self._accepting:
+                    return
+                continue
+            self._current = job
+            try:
+                self._run(job)
+            except AgentError as exc:
+                self._finish_error(job, exc)
+            except Exception as exc:  # the worker must survive anything one request does
+                log.exception("request_crashed", id=job.request_id)
+                self._finish_error(job, AgentError(f"internal error: {type(exc).__name__}"))
+            finally:
+                self._current = None
+                with self._lock:
+                    self._in_system -= 1
+
+    def _run(self, job: Job) -> None:
+        started = time.monotonic()
+        if job.deadline is not None and started >= job.deadline:
+            raise DeadlineExceededError("the request's deadline passed while it waited in the queue")
+        if job.cancel.is_set():
+            raise CancelledError("cancelled by the caller")
+        req = job.request
+        if req.messages is not None:
+            tokens = self._engine.tokenize_chat([m.model_dump() for m in req.messages])
+        else:
+            tokens = self._engine.tokenize_prompt(req.prompt or "")
+        params = SamplingParams(
+            max_tokens=min(req.max_tokens or self._settings.default_max_tokens, self._settings.max_tokens_limit),
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            repeat_penalty=req.repeat_penalty,
+            seed=req.seed,
+            stop=tuple(req.stop_list()),
+        )
+        publish = self._link.publish
+        topic, corr, rid = job.reply.topic, job.reply.correlation_data, job.request_id
+        seq = 0
+
+        def on_text(delta: str) -> None:
+            nonlocal seq
+            publish(topic, chunk_payload(rid, seq, delta), qos=1, correlation_data=corr)
+            seq += 1
+
+        result = self._engine.generate(
+            tokens, params, on_text if req.stream else _discard, job.cancel.is_set
+        )
+        self._finish_ok(job, result, started)
+
+    # -- replies -----------------------------------------------------------------------------------
+
+    def _finish_ok(self, job: Job, result: GenerationResult, started: float) -> None:
+        now = time.monotonic()
+        reply = FinalReply(
+            id=job.request_id,
+            text=result.text,
+            finish_reason=result.finish_reason,  # type: ignore[arg-type]
+            usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
+            timings=Timings(
+                queue_ms=round((started - job.message.received_at) * 1000, 2),
+                ttft_ms=round(result.ttft_s * 1000, 2),
+                tokens_per_second=round(result.decode_tokens_per_s, 2),
+                total_ms=round((now - job.message.received_at) * 1000, 2),
+            ),
+            model=self._model_name,
+            device_id=self._device_id,
+            served_by=self._device_id,
+        )
+        self._link.publish(
+            job.reply.topic, reply.model_dump_json().encode(), qos=1, correlation_data=job.reply.correlation_data
+        )
+        self._acknowledge(job)
+        self.counters.served += 1
+        self.counters.tokens += result.completion_tokens
+        self.counters.last_tokens_per_second = result.decode_tokens_per_s
+        log.info(
+            "request_done",
+            id=job.request_id,
+            finish_reason=result.finish_reason,
+            prompt_tokens=result.prompt_tokens,
+            tokens=result.completion_tokens,
+            queue_ms=reply.timings.queue_ms,
+            ttft_ms=reply.timings.ttft_ms,
+            tokens_per_second=reply.timings.tokens_per_second,
+            total_ms=reply.timings.total_ms,
+        )
+
+    def _finish_error(self, job: Job, exc: AgentError) -> None:
+        self._send_error(job.reply, job.request_id, exc)
+        self._acknowledge(job)
+        self.counters.failed += 1
+        log.info("request_failed", id=job.request_id, code=exc.code, message=str(exc))
+
+    def _acknowledge(self, job: Job) -> None:
+        # Under the lock, so a redelivery racing with completion is either seen here or acked as done.
+        with self._lock:
+            self._pending.pop(job.dedup_key, None)
+            message = job.message
+        self._link.ack(message)
+
+    def _reject(self, message: Incoming, reply: ReplyAddress | None, rid: str | None, exc: AgentError) -> None:
+        if reply is not None:
+            self._send_error(reply, rid, exc)
+        self._link.ack(message)
+        self.counters.rejected += 1
+        log.warning(
+            "request_rejected",
+            id=rid,
+            code=exc.code,
+            message=str(exc),
+            replied=reply is not None,
+            topic=message.topic,
+        )
+
+    def _send_error(self, reply: ReplyAddress, rid: str | None, exc: AgentError) -> None:
+        retry = getattr(exc, "retry_after_ms", None)
+        code = exc.code if exc.code in _WIRE_CODES else "internal"
+        self._link.publish(
+            reply.topic,
+            error_payload(rid, code, str(exc), self._device_id, retry),
+            qos=1,
+            correlation_data=reply.correlation_data,
+        )
+
+    def _reply_address(self, message: Incoming) -> ReplyAddress | None:
+        if message.response_topic and is_concrete_topic(message.response_topic):
+            return ReplyAddress(message.response_topic, message.correlation_data)
+        return None
+
+    def _retry_after_ms(self) -> int:
+        # One average request per queued slot, from what this device has measured; 1 s when unknown.
+        return 1000 * max(1, self._settings.max_queue)
+
+
+_WIRE_CODES = frozenset(
+    {"bad_request", "too_large", "overloaded", "model_unavailable", "cancelled", "timeout", "internal"}
+)
+
+
+def _discard(_: str) -> None:
+    return None

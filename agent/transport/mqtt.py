@@ -1,0 +1,294 @@
+"""The one module that talks to paho-mqtt.
+
+paho callbacks run on paho's network thread and do nothing but convert what arrived into our own
+frozen types and hand them to ``on_event`` (which must not block: the daemon passes ``queue.put``).
+Reconnect with backoff is paho's; re-subscribing after every (re)connect is ours, because a broker
+that lost our session (restart without persistence, expired session) would otherwise leave us deaf.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.errors import TransportError
+from agent.settings import MqttSettings, credentials_dir
+
+log = structlog.get_logger("agent.transport")
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A received PUBLISH, reduced to what the agent uses."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    mid: int
+    dup: bool
+    response_topic: str | None
+    correlation_data: bytes | None
+    message_expiry_s: int | None
+    received_at: float  # time.monotonic() on arrival
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    session_present: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    reason: str
+
+
+LinkEvent = Incoming | Connected | Disconnected
+
+
+def _password(settings: MqttSettings) -> str | None:
+    if settings.password is not None:
+        return settings.password.get_secret_value()
+    creds = credentials_dir()
+    if creds is not None and (creds / "mqtt_password").is_file():
+        return (creds / "mqtt_password").read_text(encoding="utf-8").strip()
+    return None
+
+
+class MqttLink:
+    """A long-lived MQTT connection with a will, persistent session and remembered subscriptions."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        client_id: str,
+        on_event: Callable[[LinkEvent], None],
+        *,
+        will: tuple[str, bytes] | None = None,
+        manual_ack: bool = False,
+        persistent_session: bool = False,
+        on_connect_publish: Callable[[], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._on_event = on_event
+        self._on_connect_publish = on_connect_publish
+        self._subscriptions: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._v5 = settings.protocol == "5"
+        self._persistent = persistent_session
+        self.client_id = client_id
+        self._client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
+            clean_session=None if self._v5 else not persistent_session,
+            manual_ack=manual_ack,
+        )
+        # Replies queued while disconnected are sent after reconnect; do not cap the local queue.
+        self._client.max_queued_messages_set(0)
+        self._client.max_inflight_messages_set(100)
+        self._client.reconnect_delay_set(
+            max(1, int(settings.reconnect_min_s)), max(1, int(settings.reconnect_max_s))
+        )
+        if settings.username:
+            self._client.username_pw_set(settings.username, _password(settings))
+        if settings.tls:
+            self._client.tls_set(
+                ca_certs=str(settings.ca_file) if settings.ca_file else None,
+                certfile=str(settings.cert_file) if settings.cert_file else None,
+                keyfile=str(settings.key_file) if settings.key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        if will is not None:
+            self._client.will_set(will[0], will[1], qos=1, retain=True)
+        self._client.on_connect = self._handle_connect
+        self._client.on_disconnect = self._handle_disconnect
+        self._client.on_message = self._handle_message
+        self._client.on_socket_open = self._handle_socket_open
+        self._client.on_subscribe = self._handle_subscribe
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background; paho retries with backoff until it succeeds."""
+        properties = None
+        if self._v5:
+            properties = Properties(PacketTypes.CONNECT)
+            if self._persistent:
+                properties.SessionExpiryInterval = self._settings.session_expiry_s
+        try:
+            self._client.connect_async(
+                self._settings.host,
+                self._settings.port,
+                keepalive=self._settings.keepalive_s,
+                clean_start=(not self._persistent) if self._v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+                properties=properties,
+            )
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"cannot connect to {self._settings.host}:{self._settings.port}: {exc}") from exc
+        self._client.loop_start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        """True once the broker acknowledged the subscriptions made on the latest connect."""
+        return self._subscribed.wait(timeout)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
+        """Publish ``final`` (retained, QoS 1) if connected, wait for outgoing messages, disconnect."""
+        if final is not None and self.connected:
+            info = self._client.publish(final[0], final[1], qos=1, retain=True)
+            self._wait_published(info, timeout)
+        self.flush(timeout)
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._connected.clear()
+
+    def flush(self, timeout: float) -> None:
+        """Wait (bounded) until paho has no unacknowledged outgoing messages."""
+        deadline = time.monotonic() + timeout
+        while self.connected and time.monotonic() < deadline:
+            if not self._client._out_messages:
+                return
+            time.sleep(0.01)
+
+    # -- operations --------------------------------------------------------------------------------
+
+    def subscribe(self, topics: Iterable[tuple[str, int]]) -> None:
+        """Remember and subscribe; remembered topics are re-subscribed on every reconnect."""
+        with self._lock:
+            new = dict(topics)
+            self._subscriptions.update(new)
+        if self.connected and new:
+            self._client.subscribe(list(new.items()))
+
+    def unsubscribe(self, topics: Iterable[str]) -> None:
+        names = list(topics)
+        with self._lock:
+            for name in names:
+                self._subscriptions.pop(name, None)
+        if self.connected and names:
+            self._client.unsubscribe(names)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        correlation_data: bytes | None = None,
+        response_topic: str | None = None,
+        message_expiry_s: int | None = None,
+    ) -> None:
+        """Queue a message; paho sends it now or after reconnect (QoS > 0)."""
+        properties = None
+        if self._v5 and (correlation_data is not None or response_topic or message_expiry_s):
+            properties = Properties(PacketTypes.PUBLISH)
+            if correlation_data is not None:
+                properties.CorrelationData = correlation_data
+            if response_topic:
+                properties.ResponseTopic = response_topic
+            if message_expiry_s:
+                properties.MessageExpiryInterval = message_expiry_s
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            log.warning("publish_failed", topic=topic, rc=int(info.rc))
+
+    def ack(self, message: Incoming) -> None:
+        """Acknowledge a QoS 1 request once its final reply has been queued (manual-ack mode)."""
+        if message.qos > 0:
+            self._client.ack(message.mid, message.qos)
+
+    # -- paho callbacks (network thread) -----------------------------------------------------------
+
+    def _handle_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # Nagle + delayed ACK cost ~90 ms per QoS 1 round trip on loopback; measured in issue 2.
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass
+
+    def _handle_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
+    ) -> None:
+        if reason_code.is_failure:
+            log.warning("mqtt_connect_refused", reason=str(reason_code))
+            return
+        with self._lock:
+            subs = list(self._subscriptions.items())
+        self._subscribed.clear()
+        if subs:
+            client.subscribe(subs)
+        else:
+            self._subscribed.set()
+        self._connected.set()
+        session_present = bool(getattr(flags, "session_present", False))
+        log.info(
+            "mqtt_connected",
+            host=self._settings.host,
+            port=self._settings.port,
+            session_present=session_present,
+        )
+        if self._on_connect_publish is not None:
+            self._on_connect_publish()
+        self._on_event(Connected(session_present=session_present))
+
+    def _handle_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any
+    ) -> None:
+        failed = [str(rc) for rc in reason_codes if getattr(rc, "is_failure", False)]
+        if failed:
+            log.warning("mqtt_subscribe_refused", reasons=failed)
+        self._subscribed.set()
+
+    def _handle_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
+    ) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        if was_connected:
+            log.warning("mqtt_disconnected", reason=str(reason_code))
+        self._on_event(Disconnected(reason=str(reason_code)))
+
+    def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        props = getattr(msg, "properties", None)
+        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
+        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        expiry = getattr(props, "MessageExpiryInterval", None) if props is not None else None
+        self._on_event(
+            Incoming(
+                topic=msg.topic,
+                payload=msg.payload,
+                qos=msg.qos,
+                mid=msg.mid,
+                dup=bool(msg.dup),
+                response_topic=response_topic or None,
+                correlation_data=bytes(correlation) if correlation is not None else None,
+                message_expiry_s=int(expiry) if expiry is not None else None,
+                received_at=time.monotonic(),
+            )
+        )
+
+    @staticmethod
+    def _wait_published(info: paho.MQTTMessageInfo, timeout: float) -> None:
+        try:
+            info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError):
+            pass

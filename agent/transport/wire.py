@@ -1,0 +1,221 @@
+"""Wire messages: the JSON payloads on the MQTT topics, as versioned pydantic models.
+
+Requests are validated once on arrival. Replies on the hot path (stream chunks) are built as plain
+dicts by :func:`chunk_payload` so no per-token validation runs; the models below still define their
+shape and generate the JSON Schemas in docs/schemas/.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from agent.errors import BadRequestError, TooLargeError
+
+PROTOCOL_VERSION = 1
+MAX_STOP_SEQUENCES = 8
+
+RequestId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$")]
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ChatMessage(WireModel):
+    role: Literal["system", "user", "assistant"] = Field(description="Who said it.")
+    content: str = Field(description="The message text.")
+
+
+class InferRequest(WireModel):
+    """An inference request on ``{prefix}/{device_id}/infer`` (OpenAI-chat shaped)."""
+
+    v: Literal[1] = Field(PROTOCOL_VERSION, description="Protocol version.")
+    id: RequestId | None = Field(
+        None, description="Caller's request id, echoed on every reply; generated when absent."
+    )
+    messages: list[ChatMessage] | None = Field(
+        None, min_length=1, description="Chat messages (needs a model with a chat template)."
+    )
+    prompt: str | None = Field(None, description="Plain text prompt, completed as is.")
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
+    temperature: float = Field(0.7, ge=0.0, le=5.0, description="Sampling temperature; 0 = greedy.")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(40, ge=0, description="Top-k sampling; 0 = off.")
+    repeat_penalty: float = Field(1.0, gt=0.0, le=10.0, description="Repetition penalty; 1 = off.")
+    seed: int | None = Field(None, description="Sampling seed for reproducible output.")
+    stop: list[str] | str | None = Field(None, description="Stop sequences (not included in the text).")
+    stream: bool = Field(False, description="Send chunk messages as tokens are generated.")
+    reply_to: str | None = Field(
+        None, min_length=1, description="Reply topic for MQTT 3.1.1 clients (MQTT 5: use Response Topic)."
+    )
+    deadline_ms: int | None = Field(
+        None, ge=1, description="Give up unless generation can start within this many ms of arrival."
+    )
+    model: str | None = Field(None, description="Informational (OpenAI compatibility); not used for routing.")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> InferRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of 'messages' or 'prompt'")
+        if self.stop_list() and len(self.stop_list()) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        if any(not s for s in self.stop_list()):
+            raise ValueError("stop sequences must not be empty")
+        return self
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class CancelRequest(WireModel):
+    """Published to ``{prefix}/{device_id}/infer/cancel`` to stop a queued or running request."""
+
+    id: RequestId = Field(description="The id of the request to cancel.")
+
+
+class StreamChunk(WireModel):
+    """One streamed piece of text (``stream: true``)."""
+
+    id: str
+    seq: int = Field(ge=0, description="0, 1, 2, ... in generation order.")
+    delta: str = Field(description="Text added since the previous chunk.")
+
+
+class Usage(WireModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Timings(WireModel):
+    queue_ms: float = Field(description="Time waiting in the queue.")
+    ttft_ms: float = Field(description="From start of work to the first generated token.")
+    tokens_per_second: float = Field(description="Decode rate after the first token.")
+    total_ms: float = Field(description="From arrival to the final reply.")
+
+
+class FinalReply(WireModel):
+    """The last message of every successful request."""
+
+    id: str
+    done: Literal[True] = True
+    text: str
+    finish_reason: Literal["stop", "length", "cancelled"]
+    usage: Usage
+    timings: Timings
+    model: str
+    device_id: str
+    served_by: str = Field(description="Which device (or 'cloud') produced the answer.")
+
+
+class ErrorBody(WireModel):
+    code: Literal["bad_request", "too_large", "overloaded", "model_unavailable", "cancelled", "timeout", "internal"]
+    message: str
+    retry_after_ms: int | None = None
+
+
+class ErrorReply(WireModel):
+    """The last message of a request that failed."""
+
+    id: str | None
+    done: Literal[True] = True
+    error: ErrorBody
+    device_id: str
+
+
+class Status(WireModel):
+    """Retained on ``{prefix}/{device_id}/status``: what this device is now."""
+
+    state: Literal["online", "offline", "draining"]
+    device_id: str
+    version: str | None = None
+    model: str | None = None
+    n_ctx: int | None = None
+    threads: int | None = None
+    since: float | None = Field(None, description="Unix time this state began.")
+
+
+def parse_request(payload: bytes, max_bytes: int) -> InferRequest:
+    """Decode and validate a request payload, raising BadRequestError/TooLargeError with a readable reason."""
+    if len(payload) > max_bytes:
+        raise TooLargeError(f"payload is {len(payload)} bytes; the limit is {max_bytes}")
+    data = _decode_object(payload)
+    try:
+        return InferRequest.model_validate(data)
+    except ValidationError as exc:
+        raise BadRequestError(_describe(exc)) from exc
+
+
+def parse_cancel(payload: bytes) -> CancelRequest:
+    data = _decode_object(payload)
+    try:
+        return CancelRequest.model_validate(data)
+    except ValidationError as exc:
+        raise BadRequestError(_describe(exc)) from exc
+
+
+def peek_reply_fields(payload: bytes) -> tuple[str | None, str | None]:
+    """Best-effort (id, reply_to) from a payload that failed validation, so the error can be answered."""
+    try:
+        data = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    rid, reply_to = data.get("id"), data.get("reply_to")
+    return (
+        rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None,
+        reply_to if isinstance(reply_to, str) and reply_to else None,
+    )
+
+
+def chunk_payload(request_id: str, seq: int, delta: str) -> bytes:
+    """A stream chunk, serialised directly (hot path: once per token)."""
+    return json.dumps({"id": request_id, "seq": seq, "delta": delta}, ensure_ascii=False).encode()
+
+
+def error_payload(
+    request_id: str | None, code: str, message: str, device_id: str, retry_after_ms: int | None = None
+) -> bytes:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if retry_after_ms is not None:
+        body["retry_after_ms"] = retry_after_ms
+    return json.dumps(
+        {"id": request_id, "done": True, "error": body, "device_id": device_id}, ensure_ascii=False
+    ).encode()
+
+
+def _decode_object(payload: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(payload)
+    except UnicodeDecodeError as exc:
+        raise BadRequestError("payload is not UTF-8") from exc
+    except ValueError as exc:
+        raise BadRequestError(f"payload is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BadRequestError("payload must be a JSON object")
+    return data
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "payload"
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)
+
+
+SCHEMA_MODELS: dict[str, type[BaseModel]] = {
+    "infer-request": InferRequest,
+    "cancel-request": CancelRequest,
+    "stream-chunk": StreamChunk,
+    "final-reply": FinalReply,
+    "error-reply": ErrorReply,
+    "status": Status,
+}
+"""Models whose JSON Schemas are published in docs/schemas/ (``python -m agent.transport.schemas``)."""
