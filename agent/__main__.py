@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from agent import __version__
 from agent.commands import COMMAND_MODULES
 from agent.errors import AgentError
+from agent.logs import configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # One-shot commands log warnings to stderr; `run` reconfigures for the daemon from its settings.
+    configure_logging("warning", "console", stream=sys.stderr)
     try:
         code: int = args.func(args)
     except AgentError as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+from typing import Literal, TextIO
 
 import structlog
 
@@ -14,9 +14,16 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 def configure_logging(
     level: Literal["debug", "info", "warning", "error"] = "info",
     fmt: Literal["auto", "json", "console"] = "auto",
+    *,
+    stream: TextIO | None = None,
 ) -> None:
-    """Configure structlog once per process (the CLI calls it; library code only gets loggers)."""
-    json_lines = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
+    """Configure structlog once per process (the CLI calls it; library code only gets loggers).
+
+    The daemon logs to stdout (journald); one-shot commands pass ``stream=sys.stderr`` so their
+    stdout stays the command's output.
+    """
+    out = stream or sys.stdout
+    json_lines = fmt == "json" or (fmt == "auto" and not out.isatty())
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer()
     )
@@ -29,6 +36,6 @@ def configure_logging(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=True,
     )

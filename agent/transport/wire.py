@@ -191,9 +191,11 @@ def error_payload(
 
 def _decode_object(payload: bytes) -> dict[str, Any]:
     try:
-        data = json.loads(payload)
+        text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadRequestError("payload is not UTF-8") from exc
+    try:
+        data = json.loads(text)
     except ValueError as exc:
         raise BadRequestError(f"payload is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):

@@ -1,0 +1,59 @@
+"""Shared fixtures: real Mosquitto brokers, tiny real GGUF models, real daemon subprocesses."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.broker import Broker
+from tests.support.daemon import Client, DaemonProcess, write_config
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny random-weight llama GGUF per tensor type (F32, F16, Q8_0, Q4_0), plus one without a template."""
+    from tests.support.tiny_gguf import tiny_model_set, write_tiny_llama
+
+    directory = tmp_path_factory.mktemp("models")
+    models = dict(tiny_model_set(directory))
+    models["no_template"] = write_tiny_llama(directory / "tiny-no-template.gguf", chat_template=None)
+    # ~10x slower than the others (hundreds of tokens/s): for tests that must act mid-generation.
+    models["slow"] = write_tiny_llama(
+        directory / "tiny-slow.gguf", tensor_type="Q4_0", n_embd=256, n_layer=4, n_ff=512, name="tiny-slow"
+    )
+    return models
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    b = Broker(tmp_path / "broker").start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path, broker: Broker, tiny_models: dict[str, Path]) -> Iterator:
+    """Factory: write a config and start the real daemon; waits until it is online. Stops all at teardown."""
+    started: list[DaemonProcess] = []
+
+    def _start(device_id: str = "dev1", model: str = "Q8_0", wait: bool = True, **sections: dict) -> DaemonProcess:
+        config = write_config(tmp_path / f"{device_id}.toml", port=broker.port, model=tiny_models[model],
+                              device_id=device_id, **sections)
+        d = DaemonProcess(config=config, workdir=tmp_path).start()
+        started.append(d)
+        if wait:
+            d.wait_event("mqtt_connected", timeout=60)
+        return d
+
+    yield _start
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def client(broker: Broker) -> Iterator[Client]:
+    c = Client(broker.port)
+    yield c
+    c.close()
