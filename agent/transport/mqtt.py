@@ -85,6 +85,7 @@ class MqttLink:
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._subscribed = threading.Event()
+        self._stopping = False
         self._v5 = settings.protocol == "5"
         self._persistent = persistent_session
         self.client_id = client_id
@@ -156,6 +157,7 @@ class MqttLink:
             info = self._client.publish(final[0], final[1], qos=1, retain=True)
             self._wait_published(info, timeout)
         self.flush(timeout)
+        self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
         self._connected.clear()
@@ -263,6 +265,9 @@ class MqttLink:
     ) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
+        if self._stopping:
+            log.debug("mqtt_closed")
+            return
         if was_connected:
             log.warning("mqtt_disconnected", reason=str(reason_code))
         self._on_event(Disconnected(reason=str(reason_code)))
