@@ -13,38 +13,19 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent.errors import ConfigError
+from agent.settings_base import Section, validate_topic_level
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
 ENV_PREFIX = "EDGE_AGENT_"
-
-_TOPIC_FORBIDDEN = ("+", "#", "\x00")
-
-
-def validate_topic_level(value: str, what: str = "value") -> str:
-    """Reject anything that is not exactly one concrete MQTT topic level."""
-    if not value:
-        raise ValueError(f"{what} must not be empty")
-    if "/" in value or any(c in value for c in _TOPIC_FORBIDDEN):
-        raise ValueError(f"{what} must be a single MQTT topic level without '/', '+', '#' or NUL: {value!r}")
-    if len(value.encode()) > 128:
-        raise ValueError(f"{what} must be at most 128 bytes")
-    return value
-
 
 def _default_device_id() -> str:
     """The hostname, made safe to use as one topic level."""
     name = socket.gethostname().split(".")[0] or "edge-agent"
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
-
-
-class Section(BaseModel):
-    """Base for config sections: unknown keys are errors, not silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class MqttSettings(Section):
