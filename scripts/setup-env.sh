@@ -41,6 +41,6 @@ stamp="$VENV/.edge-agent-installed"
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
   echo "==> installing edge-agent and its dependencies (llama-cpp-python compiles once, ~5 min on 2 cores)"
   "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q -e "$ROOT[test]"
+  "$VENV/bin/pip" install -q -e "$ROOT[test,provisioning]"
   touch "$stamp"
 fi

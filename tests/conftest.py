@@ -39,7 +39,7 @@ def start_daemon(tmp_path: Path, broker: Broker, tiny_models: dict[str, Path]) -
     started: list[DaemonProcess] = []
 
     def _start(device_id: str = "dev1", model: str = "Q8_0", wait: bool = True, **sections: dict) -> DaemonProcess:
-        config = write_config(tmp_path / f"{device_id}.toml", port=broker.port, model=tiny_models[model],
+        config = write_config(tmp_path / f"{device_id}.toml", port=broker.port, model_file=tiny_models[model],
                               device_id=device_id, **sections)
         d = DaemonProcess(config=config, workdir=tmp_path).start()
         started.append(d)

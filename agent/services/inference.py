@@ -128,10 +128,16 @@ class InferenceService:
             self._link.ack(message)
             return
         request_id = request.id or uuid.uuid4().hex
+        # With an id, a repeat within the window is a duplicate. Without one, identical payloads are
+        # legitimately separate requests: only a broker resend (DUP flag) of a recent one is a duplicate.
         key = request.id or hashlib.sha1(  # noqa: S324 - a dedup key, not security
             message.payload + (message.correlation_data or b"") + reply.topic.encode()
         ).hexdigest()
-        if self._recent.check_and_add(key, time.monotonic()):
+        now = time.monotonic()
+        seen = self._recent.check_and_add(key, now) if (request.id or message.dup) else False
+        if not request.id and not message.dup:
+            self._recent.check_and_add(key, now)
+        if seen:
             with self._lock:
                 pending = self._pending.get(key)
                 if pending is not None:

@@ -22,12 +22,12 @@ from paho.mqtt.properties import Properties
 REPO = Path(__file__).resolve().parents[2]
 
 
-def write_config(path: Path, *, port: int, model: Path, device_id: str = "dev1", **sections: dict[str, Any]) -> Path:
+def write_config(path: Path, *, port: int, model_file: Path, device_id: str = "dev1", **sections: dict[str, Any]) -> Path:
     """A TOML config for the daemon under test (small, explicit)."""
     data: dict[str, dict[str, Any]] = {
         "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": "edge", "reconnect_min_s": 0.2,
                  "reconnect_max_s": 1.0},
-        "model": {"path": str(model), "n_ctx": 1024, "threads": 2},
+        "model": {"path": str(model_file), "n_ctx": 1024, "threads": 2},
         "inference": {"max_queue": 4, "shutdown_grace_s": 10.0},
         "log": {"level": "debug", "format": "json"},
     }
