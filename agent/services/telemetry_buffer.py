@@ -1,0 +1,179 @@
+"""A bounded, crash-safe on-disk buffer for telemetry produced while the broker is unreachable.
+
+One JSON-lines file, append-only: each record is written whole and fsync'ed, so after a power cut the
+file holds every record that was appended before it, plus at most one torn last line, which is
+skipped on read (and a fresh newline keeps the next record separate). When the file would grow past
+``max_bytes`` it is compacted -- records older than ``max_age_s`` and then the oldest ones dropped --
+into a temporary file that atomically replaces the old one, so a crash mid-compaction leaves either
+the old or the new file, never a mix.
+
+Replay is at-least-once: records are removed only after every one of them was handed to ``publish``;
+a crash in between republishes them (each carries its original ``ts``, so consumers can deduplicate).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger("agent.telemetry")
+
+BUFFER_FILE = "telemetry.jsonl"
+
+
+@dataclass(frozen=True, slots=True)
+class Buffered:
+    """One kept message: its topic, payload and the time it was produced (unix seconds)."""
+
+    ts: float
+    topic: str
+    payload: bytes
+
+
+def _line(record: Buffered) -> bytes:
+    return (
+        json.dumps(
+            {"ts": record.ts, "topic": record.topic, "payload": record.payload.decode("utf-8")},
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+        + "\n"
+    ).encode()
+
+
+def _parse(line: bytes) -> Buffered | None:
+    try:
+        data = json.loads(line)
+        return Buffered(ts=float(data["ts"]), topic=str(data["topic"]), payload=str(data["payload"]).encode())
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class TelemetryBuffer:
+    """Keep messages on disk while offline; hand them back in order, oldest first."""
+
+    def __init__(self, directory: Path, *, max_bytes: int, max_age_s: float) -> None:
+        self._dir = directory
+        self._path = directory / BUFFER_FILE
+        self._max_bytes = max_bytes
+        self._max_age_s = max_age_s
+        self._lock = threading.Lock()
+        directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def size_bytes(self) -> int:
+        try:
+            return self._path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def append(self, topic: str, payload: bytes, ts: float) -> None:
+        """Keep one message (payload must be UTF-8 text, as every JSON payload is)."""
+        line = _line(Buffered(ts, topic, payload))
+        if len(line) > self._max_bytes:
+            log.warning("telemetry_buffer_record_too_large", bytes=len(line), max_bytes=self._max_bytes)
+            return
+        with self._lock:
+            if self.size_bytes() + len(line) + 1 > self._max_bytes:
+                self._compact(now=ts, room_for=len(line) + 1)
+            with self._path.open("ab") as f:
+                if f.tell() > 0 and not self._ends_with_newline():
+                    f.write(b"\n")  # a torn last line from a crash stays a separate (skipped) line
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def pending(self, now: float) -> list[Buffered]:
+        """Every kept message not older than max_age_s, oldest first; torn or corrupt lines are skipped."""
+        with self._lock:
+            return self._read(now)
+
+    def drain(self, publish: Callable[[str, bytes], None], now: float) -> int:
+        """Hand every pending message to ``publish`` in order, then forget them; returns how many.
+
+        If ``publish`` raises, the messages not yet handed over are kept for the next drain.
+        """
+        with self._lock:
+            records = self._read(now)
+            for i, record in enumerate(records):
+                try:
+                    publish(record.topic, record.payload)
+                except Exception:
+                    self._rewrite(records[i:])
+                    raise
+            if records or self._path.exists():
+                self._rewrite([])
+        if records:
+            log.info("telemetry_buffer_replayed", records=len(records))
+        return len(records)
+
+    def send(
+        self, topic: str, payload: bytes, ts: float, *, connected: bool, publish: Callable[[str, bytes], None]
+    ) -> None:
+        """Publish now (after replaying anything older, to keep the order) when connected, else keep it."""
+        if not connected:
+            self.append(topic, payload, ts)
+            return
+        if self.size_bytes():
+            self.drain(publish, now=ts)
+        publish(topic, payload)
+
+    # -- internals (lock held) ---------------------------------------------------------------------
+
+    def _ends_with_newline(self) -> bool:
+        with self._path.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+
+    def _read(self, now: float) -> list[Buffered]:
+        try:
+            raw = self._path.read_bytes()
+        except FileNotFoundError:
+            return []
+        records = []
+        skipped = 0
+        for line in raw.split(b"\n"):
+            if not line.strip():
+                continue
+            record = _parse(line)
+            if record is None:
+                skipped += 1
+            elif now - record.ts <= self._max_age_s:
+                records.append(record)
+        if skipped:
+            log.warning("telemetry_buffer_lines_skipped", lines=skipped, path=str(self._path))
+        return records
+
+    def _compact(self, now: float, room_for: int) -> None:
+        records = self._read(now)
+        sizes = [len(_line(r)) for r in records]
+        total, start = sum(sizes), 0
+        while start < len(records) and total + room_for > self._max_bytes:
+            total -= sizes[start]
+            start += 1
+        if start:
+            log.warning("telemetry_buffer_dropped_oldest", records=start, max_bytes=self._max_bytes)
+        self._rewrite(records[start:])
+
+    def _rewrite(self, records: list[Buffered]) -> None:
+        tmp = self._path.with_suffix(".tmp")
+        with tmp.open("wb") as f:
+            for record in records:
+                f.write(_line(record))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._path)
+        fd = os.open(self._dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # make the rename itself durable
+        finally:
+            os.close(fd)
