@@ -71,6 +71,7 @@ class Daemon:
         self._started = time.time()
         self._ready_sent = False
         self._model: LoadedModel | None = None
+        self._hang = False
 
     # -- signals -----------------------------------------------------------------------------------
 
@@ -82,9 +83,16 @@ class Daemon:
         self._stop.set()
         self._events.put("stop")
 
-    def install_signal_handlers(self) -> None:
+    def install_signal_handlers(self, *, test_hooks: bool = False) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        if test_hooks:
+            # EDGE_TEST_HOOKS=1 only: SIGUSR2 wedges the main loop, so tests can watch the
+            # systemd watchdog pings stop (a hung loop must get the service restarted).
+            signal.signal(signal.SIGUSR2, self._on_hang_signal)
+
+    def _on_hang_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._hang = True
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -129,7 +137,7 @@ class Daemon:
         try:
             self._main_loop(service)
         finally:
-            self._notifier.stopping()
+            self._notifier.stopping("shutting down")
             log.info("agent_stopping", grace_s=settings.inference.shutdown_grace_s)
             service.shutdown(settings.inference.shutdown_grace_s)
             link.stop(final=(self._topics.status, self._status_payload("offline")))
@@ -140,13 +148,20 @@ class Daemon:
     def _main_loop(self, service: InferenceService) -> None:
         interval = self._notifier.watchdog_interval_s()
         tick = min(TICK_S, interval) if interval else TICK_S
+        last_ping = 0.0
         infer, cancel = self._topics.infer, self._topics.infer_cancel
         while not self._stop.is_set():
             try:
                 event = self._events.get(timeout=tick)
             except queue.Empty:
                 event = None
-            self._notifier.watchdog()
+            while self._hang and not self._stop.is_set():
+                time.sleep(0.1)
+            now = time.monotonic()
+            if interval and now - last_ping >= interval:
+                # From the main loop on purpose: if this loop wedges, systemd restarts us.
+                self._notifier.watchdog()
+                last_ping = now
             if isinstance(event, Incoming):
                 if event.topic == infer:
                     service.submit(event)

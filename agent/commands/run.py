@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from agent.commands.config_cmd import add_config_argument
 from agent.logs import configure_logging
+from agent.sdnotify import Notifier
 from agent.settings import load_settings
 
 
@@ -22,15 +24,9 @@ def _run(args: argparse.Namespace) -> int:
     from agent.daemon import Daemon  # noqa: PLC0415 - keeps `config check` free of llama/paho imports
 
     daemon = Daemon(settings, notifier=_notifier())
-    daemon.install_signal_handlers()
+    daemon.install_signal_handlers(test_hooks=os.environ.get("EDGE_TEST_HOOKS") == "1")
     return daemon.run()
 
 
-def _notifier() -> Any:
-    try:
-        from agent.sdnotify import Notifier  # noqa: PLC0415
-    except ImportError:
-        return None
-    import os  # noqa: PLC0415
-
+def _notifier() -> Notifier:
     return Notifier.from_environ(os.environ)
