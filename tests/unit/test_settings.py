@@ -75,3 +75,11 @@ def test_topics_live_under_prefix_and_device() -> None:
     assert t.infer == "edge/site1/pi-1/infer"
     assert t.infer_cancel == "edge/site1/pi-1/infer/cancel"
     assert t.status == "edge/site1/pi-1/status"
+
+
+def test_configuration_doc_is_current() -> None:
+    """docs/configuration.md is generated from the field descriptions (python -m agent.settings_doc)."""
+    from agent.settings_doc import render
+    from tests.support.daemon import REPO
+
+    assert (REPO / "docs" / "configuration.md").read_text() == render()

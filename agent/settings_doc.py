@@ -1,0 +1,79 @@
+"""Render docs/configuration.md from the settings models (``python -m agent.settings_doc``).
+
+The field descriptions are the single source for the documentation; a test fails when the
+committed file is stale.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from agent.settings import Settings
+
+HEADER = """# Configuration
+
+`/etc/edge-agent/agent.toml` (or `--config PATH`). Every key can also be set by an environment variable
+`EDGE_AGENT_<SECTION>__<KEY>` (top-level keys: `EDGE_AGENT_<KEY>`), which wins over the file, e.g.
+`EDGE_AGENT_MQTT__PORT=1884`. Unknown keys and bad values stop the agent at start with the key's path;
+`edge-agent config check [--config PATH]` validates a file and prints the effective configuration with
+secrets redacted. Secrets are best given as systemd credentials (see docs/deploy.md).
+
+This page is generated from the code (`python -m agent.settings_doc`).
+"""
+
+
+def _default(info: FieldInfo) -> str:
+    if info.default_factory is not None:
+        try:
+            value: Any = info.default_factory()  # type: ignore[call-arg]
+        except TypeError:
+            return "(computed)"
+        if isinstance(value, BaseModel):
+            return ""
+    else:
+        value = info.default
+    if value is None:
+        return "unset"
+    if isinstance(value, Path):
+        value = str(value)
+    try:
+        return f"`{json.dumps(value)}`"
+    except TypeError:
+        return f"`{value}`"
+
+
+def _type_name(info: FieldInfo) -> str:
+    text = str(info.annotation).replace("typing.", "").replace("pathlib.", "").replace("pydantic.types.", "")
+    return text.replace("<class '", "").replace("'>", "").replace("|", "\\|")
+
+
+def render() -> str:
+    lines = [HEADER, "## Top level", "", "| key | type | default | description |", "|---|---|---|---|"]
+    sections: list[tuple[str, type[BaseModel]]] = []
+    for name, info in Settings.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            sections.append((name, ann))
+            continue
+        if name == "device_id":
+            default = "the hostname"
+        else:
+            default = _default(info)
+        lines.append(f"| `{name}` | {_type_name(info)} | {default} | {info.description or ''} |")
+    for name, model in sections:
+        lines += ["", f"## [{name}]", "", "| key | type | default | description |", "|---|---|---|---|"]
+        for key, info in model.model_fields.items():
+            lines.append(f"| `{key}` | {_type_name(info)} | {_default(info)} | {info.description or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    target.write_text(render(), encoding="utf-8")
+    print(target)
