@@ -61,10 +61,7 @@ def render() -> str:
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             sections.append((name, ann))
             continue
-        if name == "device_id":
-            default = "the hostname"
-        else:
-            default = _default(info)
+        default = "the hostname" if name == "device_id" else _default(info)
         lines.append(f"| `{name}` | {_type_name(info)} | {default} | {info.description or ''} |")
     for name, model in sections:
         lines += ["", f"## [{name}]", "", "| key | type | default | description |", "|---|---|---|---|"]
@@ -74,6 +71,7 @@ def render() -> str:
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    default_target = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else default_target
     target.write_text(render(), encoding="utf-8")
     print(target)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import statistics
 import subprocess
 import sys
@@ -92,7 +91,8 @@ def main() -> int:
     daemon = None
     client = None
     try:
-        assert raw.stdin and raw.stdout
+        assert raw.stdin is not None
+        assert raw.stdout is not None
         raw.stdin.write(json.dumps({"model": str(model), "n_ctx": args.n_ctx, "threads": args.threads}) + "\n")
         raw.stdin.flush()
         json.loads(raw.stdout.readline())
@@ -143,7 +143,8 @@ def main() -> int:
         return "met" if ok else "NOT met"
 
     rows = [
-        ("tokens/s over MQTT / raw (median of per-round ratios)", f"{med(ratios):.3f} ({tps_mqtt:.1f} vs {tps_raw:.1f})",
+        ("tokens/s over MQTT / raw (median of per-round ratios)",
+         f"{med(ratios):.3f} ({tps_mqtt:.1f} vs {tps_raw:.1f})",
          ">= 0.98", verdict(med(ratios) >= 0.98)),
         ("TTFT p50 overhead (ms)", f"{ttft_mqtt - ttft_raw:+.2f} ({ttft_mqtt:.2f} vs {ttft_raw:.2f})", "<= 5",
          verdict(ttft_mqtt - ttft_raw <= 5)),

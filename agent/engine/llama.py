@@ -86,6 +86,7 @@ class LlamaEngine:
         self._seed = seed
         self._llm: object | None = None
         self._formatter: Callable[[list[dict[str, str]]], str] | None = None
+        self._is_eog: Callable[[int], bool] = lambda _tok: False
         self.info: LoadedModel | None = None
 
     def load(self) -> LoadedModel:
@@ -216,15 +217,7 @@ class LlamaEngine:
             if cancelled():
                 finish = "cancelled"
                 break
-        tail = decoder.decode(b"", final=True)
-        if tail and not scanner.stopped:
-            out = scanner.feed(tail)
-            if out:
-                on_text(out)
-        if not scanner.stopped:
-            rest = scanner.flush()
-            if rest:
-                on_text(rest)
+        _flush_text(decoder, scanner, on_text)
         ended = time.perf_counter()
         decode_s = ended - first_at if first_at else 0.0
         return GenerationResult(
@@ -240,3 +233,13 @@ class LlamaEngine:
         if self._llm is None:
             raise ModelUnavailableError("no model is loaded")
         return self._llm
+
+
+def _flush_text(decoder: codecs.IncrementalDecoder, scanner: StopScanner, on_text: Callable[[str], None]) -> None:
+    """End of generation: emit any incomplete UTF-8 tail and text held back for stop matching."""
+    tail = decoder.decode(b"", final=True)
+    if scanner.stopped:
+        return
+    out = (scanner.feed(tail) if tail else "") + (scanner.flush() if not scanner.stopped else "")
+    if out:
+        on_text(out)

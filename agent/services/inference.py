@@ -108,44 +108,13 @@ class InferenceService:
             # Shutting down: leave it unacknowledged so the broker redelivers it after restart.
             log.info("request_deferred", reason="shutting_down")
             return
-        reply = self._reply_address(message)
-        try:
-            request = parse_request(message.payload, self._settings.max_payload_bytes)
-        except BadRequestError as exc:
-            rid, reply_to = peek_reply_fields(message.payload)
-            if reply is None and reply_to and is_concrete_topic(reply_to):
-                reply = ReplyAddress(reply_to, message.correlation_data)
-            self._reject(message, reply, rid, exc)
+        resolved = self._resolve(message)
+        if resolved is None:
             return
-        if reply is None and request.reply_to:
-            if is_concrete_topic(request.reply_to):
-                reply = ReplyAddress(request.reply_to, message.correlation_data)
-            else:
-                self._reject(message, None, request.id, BadRequestError("reply_to must be a topic without wildcards"))
-                return
-        if reply is None:
-            log.warning("request_dropped", id=request.id, reason="no_reply_address", topic=message.topic)
-            self._link.ack(message)
-            return
+        request, reply = resolved
         request_id = request.id or uuid.uuid4().hex
-        # With an id, a repeat within the window is a duplicate. Without one, identical payloads are
-        # legitimately separate requests: only a broker resend (DUP flag) of a recent one is a duplicate.
-        key = request.id or hashlib.sha1(  # noqa: S324 - a dedup key, not security
-            message.payload + (message.correlation_data or b"") + reply.topic.encode()
-        ).hexdigest()
-        now = time.monotonic()
-        seen = self._recent.check_and_add(key, now) if (request.id or message.dup) else False
-        if not request.id and not message.dup:
-            self._recent.check_and_add(key, now)
-        if seen:
-            with self._lock:
-                pending = self._pending.get(key)
-                if pending is not None:
-                    # Redelivered while still queued/running: the final reply acknowledges this delivery.
-                    pending.message = message
-            log.info("request_duplicate", id=request_id, dup=message.dup, in_progress=pending is not None)
-            if pending is None:
-                self._link.ack(message)
+        key = self._dedup_key(request, message, reply)
+        if self._is_duplicate(key, request, message):
             return
         job = Job(
             request_id=request_id,
@@ -173,6 +142,52 @@ class InferenceService:
             )
             return
         log.debug("request_queued", id=request_id, depth=len(self._queue))
+
+    def _resolve(self, message: Incoming) -> tuple[InferRequest, ReplyAddress] | None:
+        """Parse the payload and find where to answer; rejects (and acknowledges) what cannot be served."""
+        reply = self._reply_address(message)
+        try:
+            request = parse_request(message.payload, self._settings.max_payload_bytes)
+        except BadRequestError as exc:
+            rid, reply_to = peek_reply_fields(message.payload)
+            if reply is None and reply_to and is_concrete_topic(reply_to):
+                reply = ReplyAddress(reply_to, message.correlation_data)
+            self._reject(message, reply, rid, exc)
+            return None
+        if reply is None and request.reply_to:
+            if not is_concrete_topic(request.reply_to):
+                self._reject(message, None, request.id, BadRequestError("reply_to must be a topic without wildcards"))
+                return None
+            reply = ReplyAddress(request.reply_to, message.correlation_data)
+        if reply is None:
+            log.warning("request_dropped", id=request.id, reason="no_reply_address", topic=message.topic)
+            self._link.ack(message)
+            return None
+        return request, reply
+
+    @staticmethod
+    def _dedup_key(request: InferRequest, message: Incoming, reply: ReplyAddress) -> str:
+        if request.id:
+            return request.id
+        return hashlib.sha1(  # noqa: S324 - a dedup key, not security
+            message.payload + (message.correlation_data or b"") + reply.topic.encode()
+        ).hexdigest()
+
+    def _is_duplicate(self, key: str, request: InferRequest, message: Incoming) -> bool:
+        """With an id, a repeat within the window is a duplicate. Without one, identical payloads are
+        separate requests: only a broker resend (DUP flag) of a recent one is a duplicate."""
+        seen = self._recent.check_and_add(key, time.monotonic())
+        if not seen or not (request.id or message.dup):
+            return False
+        with self._lock:
+            pending = self._pending.get(key)
+            if pending is not None:
+                # Redelivered while still queued/running: the final reply acknowledges this delivery.
+                pending.message = message
+        log.info("request_duplicate", id=request.id, dup=message.dup, in_progress=pending is not None)
+        if pending is None:
+            self._link.ack(message)
+        return True
 
     def cancel(self, message: Incoming) -> None:
         """Cancel a queued request (answered at once) or the running one (stops within a token)."""

@@ -8,6 +8,7 @@ that lost our session (restart without persistence, expired session) would other
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -90,7 +91,7 @@ class MqttLink:
         self._persistent = persistent_session
         self.client_id = client_id
         self._client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2,
+            paho.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]  # paho re-exports it untyped
             client_id=client_id,
             protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
             clean_session=None if self._v5 else not persistent_session,
@@ -125,7 +126,7 @@ class MqttLink:
         """Connect in the background; paho retries with backoff until it succeeds."""
         properties = None
         if self._v5:
-            properties = Properties(PacketTypes.CONNECT)
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             if self._persistent:
                 properties.SessionExpiryInterval = self._settings.session_expiry_s
         try:
@@ -202,7 +203,7 @@ class MqttLink:
         """Queue a message; paho sends it now or after reconnect (QoS > 0)."""
         properties = None
         if self._v5 and (correlation_data is not None or response_topic or message_expiry_s):
-            properties = Properties(PacketTypes.PUBLISH)
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             if correlation_data is not None:
                 properties.CorrelationData = correlation_data
             if response_topic:
@@ -222,10 +223,8 @@ class MqttLink:
 
     def _handle_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # Nagle + delayed ACK cost ~90 ms per QoS 1 round trip on loopback; measured in issue 2.
-        try:
+        with contextlib.suppress(OSError, AttributeError):  # not a TCP socket (e.g. websockets)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (OSError, AttributeError):
-            pass
 
     def _handle_connect(
         self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
@@ -280,7 +279,7 @@ class MqttLink:
         self._on_event(
             Incoming(
                 topic=msg.topic,
-                payload=msg.payload,
+                payload=bytes(msg.payload),
                 qos=msg.qos,
                 mid=msg.mid,
                 dup=bool(msg.dup),
@@ -293,7 +292,5 @@ class MqttLink:
 
     @staticmethod
     def _wait_published(info: paho.MQTTMessageInfo, timeout: float) -> None:
-        try:
+        with contextlib.suppress(RuntimeError, ValueError):  # not queued / connection gone: nothing to wait for
             info.wait_for_publish(timeout)
-        except (RuntimeError, ValueError):
-            pass

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.settings import validate_topic_level
+from agent.settings_base import validate_topic_level
 
 
 def is_concrete_topic(topic: str) -> bool:

@@ -32,7 +32,7 @@ class ChatMessage(WireModel):
 class InferRequest(WireModel):
     """An inference request on ``{prefix}/{device_id}/infer`` (OpenAI-chat shaped)."""
 
-    v: Literal[1] = Field(PROTOCOL_VERSION, description="Protocol version.")
+    v: Literal[1] = Field(1, description="Protocol version.")
     id: RequestId | None = Field(
         None, description="Caller's request id, echoed on every reply; generated when absent."
     )

@@ -17,9 +17,8 @@ def start(tmp_path, broker, model, receiver: NotifyReceiver, **env: str) -> Daem
     config = write_config(tmp_path / "dev.toml", port=broker.port, model_file=model)
     # WATCHDOG_PID is the daemon's own pid, unknown before it starts: leave it out (systemd's rule:
     # without WATCHDOG_PID the watchdog applies to the receiving process).
-    d = DaemonProcess(config=config, workdir=tmp_path,
-                      env={**receiver.environ(watchdog_usec=1_000_000), **env}).start()
-    return d
+    return DaemonProcess(config=config, workdir=tmp_path,
+                         env={**receiver.environ(watchdog_usec=1_000_000), **env}).start()
 
 
 def test_ready_only_after_connect_then_watchdog_then_stopping(tmp_path, broker, tiny_models) -> None:

@@ -22,7 +22,9 @@ from paho.mqtt.properties import Properties
 REPO = Path(__file__).resolve().parents[2]
 
 
-def write_config(path: Path, *, port: int, model_file: Path, device_id: str = "dev1", **sections: dict[str, Any]) -> Path:
+def write_config(
+    path: Path, *, port: int, model_file: Path, device_id: str = "dev1", **sections: dict[str, Any]
+) -> Path:
     """A TOML config for the daemon under test (small, explicit)."""
     data: dict[str, dict[str, Any]] = {
         "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": "edge", "reconnect_min_s": 0.2,
@@ -179,7 +181,7 @@ class Client:
     def retained(self, topic: str, timeout: float = 10.0, *, state: str | None = None) -> dict[str, Any]:
         """Wait for a (retained) message on ``topic``, optionally with a given ``state``."""
         sub = Client.__new__(Client)
-        Client.__init__(sub, self.c._port, protocol=self.protocol)  # noqa: SLF001
+        Client.__init__(sub, self.c._port, protocol=self.protocol)
         try:
             sub.subscribe(topic)
             deadline = time.monotonic() + timeout

@@ -276,7 +276,7 @@ def _reversals(actions: list[Action]) -> int:
 @pytest.mark.parametrize("seed", range(5))
 def test_noise_around_the_step_down_threshold_never_steps_up(seed: int) -> None:
     """An hour of readings jittering ±4 °C around soft - margin only ever steps down, never back up."""
-    rng = random.Random(seed)  # noqa: S311 - reproducible noise, not crypto
+    rng = random.Random(seed)
     readings = [obs(ts=float(s), t=75.0 + rng.uniform(-4, 4)) for s in range(3600)]
     _, actions = run(PolicyState.initial(4), readings)
     assert actions
@@ -286,7 +286,7 @@ def test_noise_around_the_step_down_threshold_never_steps_up(seed: int) -> None:
 @pytest.mark.parametrize("seed", range(5))
 def test_noisy_heat_then_cooling_reverses_direction_once(seed: int) -> None:
     """A noisy rise then a noisy fall reverses direction exactly once, with no step closer than the dwell."""
-    rng = random.Random(seed)  # noqa: S311 - reproducible noise, not crypto
+    rng = random.Random(seed)
     readings = []
     for s in range(7200):
         trend = 60 + 20 * min(s, 1800) / 1800 if s < 3600 else 80 - 25 * min(s - 3600, 1800) / 1800
@@ -301,7 +301,7 @@ def test_noisy_heat_then_cooling_reverses_direction_once(seed: int) -> None:
 @pytest.mark.parametrize("seed", range(5))
 def test_flickering_throttle_bit_does_not_flap(seed: int) -> None:
     """A throttle bit flickering on 1 reading in 5 at a cool temperature only steps down, never oscillates."""
-    rng = random.Random(seed)  # noqa: S311 - reproducible noise, not crypto
+    rng = random.Random(seed)
     readings = [
         obs(ts=float(s), t=55.0, throttle_now=frozenset({"arm_freq_capped"}) if rng.random() < 0.2 else frozenset())
         for s in range(3600)
@@ -314,7 +314,7 @@ def test_flickering_throttle_bit_does_not_flap(seed: int) -> None:
 @pytest.mark.parametrize("seed", range(5))
 def test_any_noise_keeps_changes_spaced_by_dwell_and_hold(seed: int) -> None:
     """Whatever the readings do, a step down follows a change by >= down_dwell_s and a step up by >= hold_s."""
-    rng = random.Random(seed)  # noqa: S311 - reproducible noise, not crypto
+    rng = random.Random(seed)
     readings = [
         obs(
             ts=float(s),

@@ -142,7 +142,7 @@ def model_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(params=TENSOR_TYPES)
 def llm(request: pytest.FixtureRequest, model_paths: dict[str, Path]) -> Iterator[Any]:
-    import llama_cpp  # noqa: PLC0415  # only the slow tests need the compiled library
+    import llama_cpp  # only the slow tests need the compiled library
 
     model = llama_cpp.Llama(model_path=str(model_paths[request.param]), n_ctx=256, n_threads=2, verbose=False)
     try:
@@ -209,7 +209,7 @@ class TestLlamaCppRuns:
 @pytest.mark.slow
 def test_model_without_template_still_loads(tmp_path: Path) -> None:
     """A model written with chat_template=None loads and has no template in its metadata."""
-    import llama_cpp  # noqa: PLC0415  # only the slow tests need the compiled library
+    import llama_cpp  # only the slow tests need the compiled library
 
     path = write_tiny_llama(tmp_path / "plain.gguf", chat_template=None)
     model = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, verbose=False)
