@@ -1,0 +1,383 @@
+"""Choose the quantization to run: the best quality whose memory estimate fits the budget.
+
+Pure decision logic over small frozen inputs (the daemon and ``edge-agent plan`` map the hardware probe
+and the catalog onto them), so every rule is table-tested over the boards in device-profiles.toml.
+
+Rules, in order (docs/fit.md has the rationale):
+
+1. **Budget** = min(MemAvailable, cgroup memory.max - memory.current) - reserve - safety margin
+   (- the agent's own process overhead when the available figure was taken without the agent running).
+2. **Fit**: a candidate fits when its ``estimate_bytes`` <= budget.
+3. **Quality floor** (default Q3_K_S): below it, a smaller model later in the preference list is better
+   than a crushed big one. Models are tried in preference order; the first with a fitting candidate at
+   or above the floor wins. Only when no model has one does a below-floor candidate get chosen (unless
+   the floor is hard), and the decision says so.
+4. **Thermal / battery cap**: a hot or throttled SoC (or a low battery while discharging) steps down
+   one or two rungs among the winning model's fitting candidates, never below the floor: a smaller
+   quant moves fewer bytes per token, so it runs cooler and faster.
+5. Nothing fits: ``chosen`` is None and :meth:`FitDecision.require` raises :class:`NothingFitsError`
+   naming the budget and the smallest candidate's need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from enum import StrEnum
+from typing import Final
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.catalog.quants import at_least, quality_rank
+from agent.errors import AgentError
+
+MiB: Final[int] = 1024 * 1024
+
+
+def fmt_bytes(n: int) -> str:
+    """Human-readable size, e.g. ``'812.4 MiB'`` / ``'1.52 GiB'`` (negative allowed)."""
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    if n >= 1024 * MiB:
+        return f"{sign}{n / (1024 * MiB):.2f} GiB"
+    return f"{sign}{n / MiB:.1f} MiB"
+
+
+class NothingFitsError(AgentError, MemoryError):
+    """No candidate fits the memory budget; the message names the numbers."""
+
+    code = "model_unavailable"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Candidate(_Frozen):
+    """One quant of one model with its memory estimate (see agent.catalog.estimate)."""
+
+    model: str
+    quant: str
+    estimate_bytes: int = Field(ge=0, description="What loading and running it adds to the process.")
+    file: str | None = None
+
+
+class Budget(_Frozen):
+    """How many bytes a model may take, and where the figure comes from."""
+
+    available_bytes: int = Field(ge=0, description="MemAvailable (or an operator override).")
+    cgroup_headroom_bytes: int | None = Field(
+        default=None, ge=0, description="memory.max - memory.current of the agent's cgroup, when limited."
+    )
+    reserve_bytes: int = Field(default=0, ge=0, description="Left for the rest of the system (config).")
+    safety_margin_bytes: int = Field(default=0, ge=0, description="Covers estimate error and allocator slack.")
+    process_overhead_bytes: int = Field(
+        default=0, ge=0, description="The agent's own RSS, subtracted when 'available' was measured without it."
+    )
+
+    @property
+    def bytes(self) -> int:
+        """The budget: never negative."""
+        limit = self.available_bytes
+        if self.cgroup_headroom_bytes is not None:
+            limit = min(limit, self.cgroup_headroom_bytes)
+        return max(0, limit - self.reserve_bytes - self.safety_margin_bytes - self.process_overhead_bytes)
+
+    def explain(self) -> str:
+        """One line: how the budget was computed."""
+        parts = [f"available {fmt_bytes(self.available_bytes)}"]
+        if self.cgroup_headroom_bytes is not None:
+            parts.append(f"cgroup headroom {fmt_bytes(self.cgroup_headroom_bytes)} (the smaller counts)")
+        for label, value in (
+            ("reserve", self.reserve_bytes),
+            ("safety margin", self.safety_margin_bytes),
+            ("agent process", self.process_overhead_bytes),
+        ):
+            if value:
+                parts.append(f"- {label} {fmt_bytes(value)}")
+        return f"budget {fmt_bytes(self.bytes)} = " + ", ".join(parts)
+
+
+def make_budget(
+    available_bytes: int,
+    *,
+    cgroup_limit_bytes: int | None = None,
+    cgroup_usage_bytes: int | None = None,
+    reserve_bytes: int = 64 * MiB,
+    safety_fraction: float = 0.05,
+    min_safety_bytes: int = 32 * MiB,
+    process_overhead_bytes: int = 0,
+) -> Budget:
+    """Budget from probe figures: the safety margin is ``safety_fraction`` of what is usable (>= a floor).
+
+    ``cgroup_limit_bytes`` None means unlimited (``memory.max`` = "max").
+    """
+    headroom = None
+    if cgroup_limit_bytes is not None:
+        headroom = max(0, cgroup_limit_bytes - (cgroup_usage_bytes or 0))
+    usable = available_bytes if headroom is None else min(available_bytes, headroom)
+    margin = max(min_safety_bytes, int(usable * safety_fraction))
+    return Budget(
+        available_bytes=available_bytes,
+        cgroup_headroom_bytes=headroom,
+        reserve_bytes=reserve_bytes,
+        safety_margin_bytes=margin,
+        process_overhead_bytes=process_overhead_bytes,
+    )
+
+
+class ThermalState(_Frozen):
+    """SoC temperature against the board's limits, plus the Raspberry Pi throttle flags."""
+
+    temperature_c: float | None = None
+    soft_limit_c: float | None = Field(default=None, description="Where firmware starts capping the clock.")
+    hard_limit_c: float | None = Field(default=None, description="Where it throttles hard.")
+    freq_capped_now: bool = Field(default=False, description="get_throttled bit 1.")
+    throttled_now: bool = Field(default=False, description="get_throttled bit 2.")
+    soft_limit_now: bool = Field(default=False, description="get_throttled bit 3.")
+
+    @classmethod
+    def from_throttle_bits(
+        cls,
+        bits: int,
+        *,
+        temperature_c: float | None = None,
+        soft_limit_c: float | None = None,
+        hard_limit_c: float | None = None,
+    ) -> ThermalState:
+        """From ``vcgencmd get_throttled`` / sysfs ``get_throttled`` (only the "now" bits matter)."""
+        return cls(
+            temperature_c=temperature_c,
+            soft_limit_c=soft_limit_c,
+            hard_limit_c=hard_limit_c,
+            freq_capped_now=bool(bits & 0x2),
+            throttled_now=bool(bits & 0x4),
+            soft_limit_now=bool(bits & 0x8),
+        )
+
+
+class BatteryState(_Frozen):
+    """Battery charge and whether it is running the device."""
+
+    percent: float | None = Field(default=None, ge=0, le=100)
+    discharging: bool = False
+
+
+class FitPolicy(_Frozen):
+    """Knobs of the decision (config ``[fit]``)."""
+
+    quality_floor: str = Field(default="Q3_K_S", description="Lowest quant worth running when a smaller model exists.")
+    floor_is_hard: bool = Field(default=False, description="Refuse below-floor quants even when nothing else fits.")
+    near_soft_limit_c: float = Field(default=5.0, ge=0, description="This close to the soft limit counts as hot.")
+    low_battery_percent: float = Field(default=20.0, ge=0, le=100, description="Below this, discharging, step down.")
+    max_cap_steps: int = Field(default=2, ge=0, description="Thermal + battery step-down never exceeds this.")
+
+
+def thermal_steps(thermal: ThermalState | None, policy: FitPolicy) -> tuple[int, str | None]:
+    """Rungs to step down for heat, and why: 2 at the hard limit or when throttled, 1 near the soft limit."""
+    if thermal is None:
+        return 0, None
+    t = thermal.temperature_c
+    if thermal.throttled_now:
+        return 2, "SoC is throttled now"
+    if t is not None and thermal.hard_limit_c is not None and t >= thermal.hard_limit_c:
+        return 2, f"SoC at {t:.0f} °C >= hard limit {thermal.hard_limit_c:.0f} °C"
+    if thermal.soft_limit_now or thermal.freq_capped_now:
+        return 1, "firmware reports the soft temperature limit / a capped ARM clock"
+    if t is not None and thermal.soft_limit_c is not None and t >= thermal.soft_limit_c - policy.near_soft_limit_c:
+        return 1, (
+            f"SoC at {t:.0f} °C is within {policy.near_soft_limit_c:.0f} °C of its soft limit "
+            f"{thermal.soft_limit_c:.0f} °C"
+        )
+    return 0, None
+
+
+def battery_steps(battery: BatteryState | None, policy: FitPolicy) -> tuple[int, str | None]:
+    """One rung down on a low battery while discharging."""
+    if battery is None or not battery.discharging or battery.percent is None:
+        return 0, None
+    if battery.percent < policy.low_battery_percent:
+        return 1, f"battery at {battery.percent:.0f}% and discharging"
+    return 0, None
+
+
+class Verdict(StrEnum):
+    """What happened to a candidate."""
+
+    CHOSEN = "chosen"
+    FITS = "fits"  # fits, but a better one was chosen
+    THERMAL_CAP = "capped"  # fits, but the thermal/battery cap stepped below it
+    TOO_LARGE = "too_large"
+    BELOW_FLOOR = "below_floor"
+    NOT_PREFERRED = "not_preferred"  # fits, but an earlier model in the preference list won
+    UNKNOWN_QUANT = "unknown_quant"
+
+
+class CandidateVerdict(_Frozen):
+    """A candidate, whether it fits, and why it was or was not taken."""
+
+    candidate: Candidate
+    fits: bool
+    margin_bytes: int = Field(description="budget - estimate (negative: short by that much).")
+    verdict: Verdict
+    reason: str
+
+
+class FitDecision(_Frozen):
+    """The choice, the budget, and the reasoning for every candidate."""
+
+    chosen: Candidate | None
+    budget: Budget
+    verdicts: tuple[CandidateVerdict, ...]
+    cap_steps: int = 0
+    notes: tuple[str, ...] = ()
+
+    @property
+    def budget_bytes(self) -> int:
+        """The budget in bytes."""
+        return self.budget.bytes
+
+    def explain(self) -> list[str]:
+        """Readable lines: budget, notes, then each candidate with its verdict."""
+        lines = [self.budget.explain(), *self.notes]
+        if self.chosen is None:
+            lines.append(self.nothing_fits_message())
+        else:
+            lines.append(
+                f"chosen: {self.chosen.model} {self.chosen.quant} ({fmt_bytes(self.chosen.estimate_bytes)})"
+            )
+        for v in self.verdicts:
+            c = v.candidate
+            lines.append(
+                f"  {c.model:<24} {c.quant:<11} {fmt_bytes(c.estimate_bytes):>11}  "
+                f"margin {fmt_bytes(v.margin_bytes):>11}  {v.verdict.value}: {v.reason}"
+            )
+        return lines
+
+    def nothing_fits_message(self) -> str:
+        """Names the budget and the smallest candidate's need."""
+        if not self.verdicts:
+            return f"nothing fits: no candidates (budget {fmt_bytes(self.budget.bytes)})"
+        smallest = min(self.verdicts, key=lambda v: v.candidate.estimate_bytes)
+        c = smallest.candidate
+        return (
+            f"nothing fits in the budget of {fmt_bytes(self.budget.bytes)}: the smallest candidate, "
+            f"{c.model} {c.quant}, needs {fmt_bytes(c.estimate_bytes)} "
+            f"(short by {fmt_bytes(-smallest.margin_bytes)}); free memory, lower n_ctx or add a smaller model"
+        )
+
+    def require(self) -> Candidate:
+        """The chosen candidate, or :class:`NothingFitsError` with the numbers."""
+        if self.chosen is None:
+            raise NothingFitsError(self.nothing_fits_message())
+        return self.chosen
+
+
+def _model_order(candidates: Sequence[Candidate], prefer: Iterable[str] | None) -> list[str]:
+    seen: list[str] = []
+    for name in list(prefer or []) + [c.model for c in candidates]:
+        if name not in seen:
+            seen.append(name)
+    return seen
+
+
+def _rank(c: Candidate) -> int:
+    r = quality_rank(c.quant)
+    return 10_000 if r is None else r
+
+
+def _pick(
+    by_model: dict[str, list[Candidate]], order: list[str], limit: int, steps: int, policy: FitPolicy
+) -> tuple[Candidate | None, set[int], bool]:
+    """(chosen, ids of candidates skipped by the cap, whether the pick is below the floor)."""
+    for model in order:
+        ok = [
+            c
+            for c in by_model.get(model, [])
+            if quality_rank(c.quant) is not None
+            and c.estimate_bytes <= limit
+            and at_least(c.quant, policy.quality_floor)
+        ]
+        if ok:
+            index = min(steps, len(ok) - 1)
+            return ok[index], {id(c) for c in ok[:index]}, False
+    if policy.floor_is_hard:
+        return None, set(), False
+    for model in order:
+        ok = [c for c in by_model.get(model, []) if quality_rank(c.quant) is not None and c.estimate_bytes <= limit]
+        if ok:
+            return ok[0], set(), True
+    return None, set(), False
+
+
+def _judge(  # noqa: PLR0911 -- one return per verdict reads best
+    c: Candidate, *, chosen: Candidate | None, limit: int, steps: int, capped: set[int], below: bool, floor: str
+) -> tuple[Verdict, str]:
+    if quality_rank(c.quant) is None:
+        return Verdict.UNKNOWN_QUANT, f"{c.quant!r} is not on the quant ladder"
+    if c is chosen:
+        if below:
+            return Verdict.CHOSEN, "below the quality floor, but nothing else fits"
+        return Verdict.CHOSEN, "best quality that fits" + (f" after a {steps}-step cap" if steps else "")
+    if c.estimate_bytes > limit:
+        return Verdict.TOO_LARGE, f"needs {fmt_bytes(c.estimate_bytes - limit)} more than the budget"
+    if not at_least(c.quant, floor):
+        return Verdict.BELOW_FLOOR, f"below the quality floor {floor}"
+    if id(c) in capped:
+        return Verdict.THERMAL_CAP, "fits, but the thermal/battery cap steps below it"
+    if chosen is not None and c.model != chosen.model:
+        return Verdict.NOT_PREFERRED, f"fits, but {chosen.model} comes first in preference"
+    return Verdict.FITS, "fits; a better quant was chosen"
+
+
+def choose(
+    candidates: Sequence[Candidate],
+    budget: Budget | int,
+    *,
+    thermal: ThermalState | None = None,
+    battery: BatteryState | None = None,
+    prefer: Sequence[str] | None = None,
+    policy: FitPolicy | None = None,
+) -> FitDecision:
+    """Pick the best-quality candidate that fits ``budget`` (rules in the module docstring).
+
+    ``prefer`` orders models (earlier = preferred); models not named follow in candidate order, and
+    candidates of models outside a given ``prefer`` list are still considered after it. An int budget
+    is taken as the final budget in bytes.
+    """
+    policy = policy or FitPolicy()
+    if isinstance(budget, int):
+        budget = Budget(available_bytes=max(0, budget))
+    limit = budget.bytes
+    t_steps, t_note = thermal_steps(thermal, policy)
+    b_steps, b_note = battery_steps(battery, policy)
+    steps = min(policy.max_cap_steps, t_steps + b_steps)
+    notes = []
+    if steps:
+        notes.append(f"quality capped {steps} step(s) down: " + "; ".join(n for n in (t_note, b_note) if n))
+
+    by_model: dict[str, list[Candidate]] = {}
+    for c in sorted(candidates, key=_rank):
+        by_model.setdefault(c.model, []).append(c)
+    order = _model_order(candidates, prefer)
+    chosen, capped, below = _pick(by_model, order, limit, steps, policy)
+    if chosen is not None and below:
+        notes.append(
+            f"no candidate at or above the quality floor {policy.quality_floor} fits; "
+            f"running {chosen.model} {chosen.quant} below it"
+        )
+    verdicts = []
+    for model in order:
+        for c in by_model.get(model, []):
+            verdict, reason = _judge(
+                c, chosen=chosen, limit=limit, steps=steps, capped=capped, below=below, floor=policy.quality_floor
+            )
+            verdicts.append(
+                CandidateVerdict(
+                    candidate=c,
+                    fits=c.estimate_bytes <= limit,
+                    margin_bytes=limit - c.estimate_bytes,
+                    verdict=verdict,
+                    reason=reason,
+                )
+            )
+    return FitDecision(chosen=chosen, budget=budget, verdicts=tuple(verdicts), cap_steps=steps, notes=tuple(notes))
