@@ -1,0 +1,772 @@
+"""Fleet commands on the device: wire models, target topics, idempotency and the dispatcher.
+
+A command arrives on one of three topics (device, group, all). :class:`FleetService` authenticates
+it (Ed25519, when configured), answers a redelivered id from the persisted result store instead of
+running it again, refuses expired ones, validates the arguments, runs it (slow ones on one worker
+thread, in order) and publishes one result to the caller's reply topic and to
+``{prefix}/{device_id}/cmd/result``. Whatever happens to one command, the device carries on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from agent.errors import AgentError, BadRequestError, ConfigError
+from agent.fleet.config_edit import UNSET, atomic_write, edit_config, get_value
+from agent.fleet.settings import FleetSettings
+from agent.fleet.signing import (
+    BadSignatureError,
+    ReplayedCommandError,
+    SignatureError,
+    check_fresh,
+    load_public_key,
+    sign_payload,
+    verify_payload,
+)
+from agent.settings import Settings
+from agent.settings_base import validate_topic_level
+from agent.transport.mqtt import Incoming
+from agent.transport.topics import is_concrete_topic
+
+log = structlog.get_logger("agent.fleet")
+
+PROTOCOL_VERSION: Literal[1] = 1
+RESULT_LEVEL = "result"
+RESERVED_DEVICE_IDS = frozenset({"group", "fleet"})
+"""Device ids that would make a device's topics collide with the group and fleet-wide ones."""
+
+
+class ExpiredCommandError(AgentError):
+    """The command's ``expires_at`` has passed; it was not run."""
+
+    code = "expired"
+
+
+class UnknownCommandError(BadRequestError):
+    """No command of that name exists on this device."""
+
+    code = "unknown_command"
+
+
+# -- wire ------------------------------------------------------------------------------------------
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CommandRequest(_Wire):
+    """The payload published to a command topic."""
+
+    v: Literal[1] = Field(PROTOCOL_VERSION, description="Protocol version.")
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$",
+                    description="Command id: executed at most once per device; a redelivery gets the stored result.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Command arguments.")
+    issued_at: float | None = Field(None, description="Unix time the operator issued it (required when signed).")
+    expires_at: float | None = Field(None, description="Unix time after which devices refuse it with 'expired'.")
+    nonce: str | None = Field(None, min_length=8, max_length=128, description="Random, unique per command (signed).")
+    cmd: str | None = Field(None, description="Command name; must match the topic (required when signed).")
+    target: str | None = Field(
+        None, description="'all', 'group:NAME' or 'device:ID'; must match the topic (required when signed)."
+    )
+    reply_to: str | None = Field(None, min_length=1, description="Reply topic for MQTT 3.1.1 clients.")
+    sig: str | None = Field(None, description="Base64 Ed25519 signature over the canonical payload.")
+
+
+class CommandError(_Wire):
+    code: str = Field(description="Stable machine code (expired, unsigned, bad_request, ...).")
+    message: str = Field(description="What went wrong, for the operator.")
+
+
+class CommandResult(_Wire):
+    """Published to the Response Topic / ``reply_to`` and to ``{prefix}/{device_id}/cmd/result``."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str | None
+    device_id: str
+    cmd: str
+    ok: bool
+    result: dict[str, Any] | None = None
+    error: CommandError | None = None
+    duplicate: bool = Field(False, description="True when this is the stored result of an id already executed.")
+
+    def payload(self) -> bytes:
+        return json.dumps(self.model_dump(mode="json", exclude_none=True), ensure_ascii=False).encode()
+
+
+class NoArgs(_Wire):
+    pass
+
+
+class PlanArgs(_Wire):
+    model: str | None = Field(None, min_length=1, description="Catalog name to plan for (default: configured).")
+    quant: str | None = Field(None, min_length=1, description="Pinned quant to plan for.")
+
+
+class ModelArgs(_Wire):
+    model: str = Field(min_length=1, description="Catalog name, or 'auto' to let the fit decision choose.")
+    quant: str | None = Field(None, min_length=1, description="Pin a quant (default: best that fits).")
+
+
+class ConfigGetArgs(_Wire):
+    key: str | None = Field(None, description="Dotted key, e.g. 'inference.max_queue'; whole config when absent.")
+
+
+class ConfigSetArgs(_Wire):
+    key: str | None = Field(None, description="Dotted key to set.")
+    value: Any = Field(None, description="New value (JSON-typed); null removes the key from the file.")
+    values: dict[str, Any] | None = Field(None, description="Several dotted keys at once.")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ConfigSetArgs:
+        if (self.key is None) == (self.values is None):
+            raise ValueError("give either 'key' and 'value', or 'values'")
+        if self.key is not None and "value" not in self.model_fields_set:
+            raise ValueError("'value' is required with 'key' (null removes the key)")
+        return self
+
+    def changes(self) -> dict[str, Any]:
+        items = self.values.items() if self.values is not None else [(self.key, self.value)]
+        return {str(k): (UNSET if v is None else v) for k, v in items}
+
+
+# -- targets ---------------------------------------------------------------------------------------
+
+Scope = Literal["device", "group", "all"]
+
+
+@dataclass(frozen=True, slots=True)
+class CommandTarget:
+    """Who a command was addressed to, and which command."""
+
+    scope: Scope
+    name: str
+    group: str | None = None
+    device: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The form a signed payload's ``target`` field must carry: 'all', 'group:NAME', 'device:ID'."""
+        if self.scope == "all":
+            return "all"
+        return f"group:{self.group}" if self.scope == "group" else f"device:{self.device}"
+
+
+def parse_target(spec: str) -> tuple[Scope, str | None]:
+    """Operator notation → (scope, value): 'all', 'group:NAME', 'device:ID' or a bare device id."""
+    if spec == "all":
+        return "all", None
+    kind, sep, value = spec.partition(":")
+    if sep and kind in ("group", "device"):
+        validate_topic_level(value, f"{kind} name")
+        return ("group" if kind == "group" else "device"), value
+    validate_topic_level(spec, "device id")
+    return "device", spec
+
+
+def target_label(scope: Scope, value: str | None) -> str:
+    return CommandTarget(scope, "", group=value if scope == "group" else None,
+                         device=value if scope == "device" else None).label
+
+
+def command_topic(prefix: str, scope: Scope, value: str | None, name: str) -> str:
+    """The topic an operator publishes command ``name`` to."""
+    validate_topic_level(name, "command name")
+    if scope == "all":
+        return f"{prefix}/fleet/cmd/{name}"
+    if scope == "group":
+        return f"{prefix}/group/{value}/cmd/{name}"
+    return f"{prefix}/{value}/cmd/{name}"
+
+
+def result_topic(prefix: str, device_id: str) -> str:
+    return f"{prefix}/{device_id}/cmd/{RESULT_LEVEL}"
+
+
+@dataclass(frozen=True, slots=True)
+class FleetTopics:
+    """The command topics one device listens to, and the pure matching of an arrived topic."""
+
+    prefix: str
+    device_id: str
+    groups: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        validate_topic_level(self.device_id, "device_id")
+        if self.device_id in RESERVED_DEVICE_IDS:
+            raise ConfigError(f"device_id {self.device_id!r} collides with fleet topics; choose another name")
+        for group in self.groups:
+            try:
+                validate_topic_level(group, "group name")
+            except ValueError as exc:
+                raise ConfigError(f"groups: {exc}") from exc
+
+    @property
+    def result(self) -> str:
+        return result_topic(self.prefix, self.device_id)
+
+    def filters(self) -> list[str]:
+        return [
+            f"{self.prefix}/{self.device_id}/cmd/+",
+            *(f"{self.prefix}/group/{g}/cmd/+" for g in self.groups),
+            f"{self.prefix}/fleet/cmd/+",
+        ]
+
+    def match(self, topic: str) -> CommandTarget | None:
+        """The target if ``topic`` is a command for this device, else None (including our own results)."""
+        head = f"{self.prefix}/"
+        if not topic.startswith(head):
+            return None
+        levels = topic[len(head):].split("/")
+        if len(levels) == 3 and levels[0] == self.device_id and levels[1] == "cmd":
+            target = CommandTarget("device", levels[2], device=self.device_id)
+        elif len(levels) == 4 and levels[0] == "group" and levels[1] in self.groups and levels[2] == "cmd":
+            target = CommandTarget("group", levels[3], group=levels[1])
+        elif len(levels) == 3 and levels[0] == "fleet" and levels[1] == "cmd":
+            target = CommandTarget("all", levels[2])
+        else:
+            return None
+        if not target.name or target.name == RESULT_LEVEL:
+            return None
+        return target
+
+
+# -- persisted, bounded stores ----------------------------------------------------------------------
+
+
+class JsonLru:
+    """A bounded, insertion-ordered map persisted as an append-only JSON-lines journal.
+
+    Each put appends one fsynced line (O(1), no matter how many entries are kept); the journal is
+    compacted by an atomic rewrite once it holds twice ``max_entries`` lines. A torn last line (power
+    cut mid-append) or an unreadable file is skipped and logged, never fatal: losing entries only
+    weakens deduplication.
+    """
+
+    def __init__(self, path: Path, max_entries: int) -> None:
+        self._path = path
+        self._max = max_entries
+        self._lock = threading.Lock()
+        self._data: OrderedDict[str, Any] = OrderedDict()
+        self._lines = 0
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            text = self._path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("fleet_state_unreadable", path=str(self._path), error=str(exc))
+            return
+        skipped = 0
+        for line in text.splitlines():
+            try:
+                key, value = json.loads(line)
+            except (ValueError, TypeError):
+                skipped += 1
+                continue
+            self._data.pop(str(key), None)
+            self._data[str(key)] = value
+            self._lines += 1
+        if skipped:
+            log.warning("fleet_state_lines_skipped", path=str(self._path), skipped=skipped)
+        self._trim()
+
+    def get(self, key: str) -> Any:
+        with self._lock:
+            return self._data.get(key)
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._data
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._data)
+
+    def put(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._data.pop(key, None)
+            self._data[key] = value
+            self._trim()
+            if self._lines + 1 > 2 * self._max:
+                self._compact()
+            else:
+                self._append(key, value)
+
+    def prune(self, keep: Callable[[Any], bool]) -> None:
+        """Drop entries whose value fails ``keep`` (in memory; the next compaction drops them on disk)."""
+        with self._lock:
+            for key in [k for k, v in self._data.items() if not keep(v)]:
+                del self._data[key]
+
+    def _trim(self) -> None:
+        while len(self._data) > self._max:
+            self._data.popitem(last=False)
+
+    @staticmethod
+    def _line(key: str, value: Any) -> bytes:
+        return (json.dumps([key, value], separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+    def _append(self, key: str, value: Any) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        with self._path.open("ab") as f:
+            f.write(self._line(key, value))
+            f.flush()
+            os.fsync(f.fileno())
+        self._lines += 1
+
+    def _compact(self) -> None:
+        atomic_write(self._path, b"".join(self._line(k, v) for k, v in self._data.items()))
+        self._lines = len(self._data)
+
+
+class NonceCache:
+    """Nonces of accepted signed commands, kept while their ``issued_at`` is still inside the window."""
+
+    def __init__(self, path: Path, max_entries: int, window_s: float) -> None:
+        self._store = JsonLru(path, max_entries)
+        self._window = window_s
+
+    def seen(self, nonce: str) -> bool:
+        return nonce in self._store
+
+    def add(self, nonce: str, issued_at: float, now: float) -> None:
+        # Past the window a replay is refused as stale anyway, so the nonce need not be kept.
+        self._store.prune(lambda t: isinstance(t, int | float) and t + self._window >= now)
+        self._store.put(nonce, issued_at)
+
+
+# -- what commands need from the daemon --------------------------------------------------------------
+
+
+class DeviceControl(Protocol):
+    """The daemon's side of fleet commands. Methods return JSON-able dicts and raise AgentError subclasses.
+
+    ``plan``, ``set_model``, ``pull``, ``reload`` and ``apply_settings`` are called on the fleet worker
+    thread (they may take long); the others on the thread that calls :meth:`FleetService.handle`.
+    ``restart`` must only schedule a clean exit: the result is published after it returns.
+    """
+
+    def status(self) -> dict[str, Any]: ...
+    def plan(self, args: dict[str, Any]) -> dict[str, Any]: ...
+    def set_model(self, name: str, quant: str | None) -> dict[str, Any]: ...
+    def pull(self, name: str, quant: str | None) -> dict[str, Any]: ...
+    def reload(self) -> dict[str, Any]: ...
+    def drain(self) -> dict[str, Any]: ...
+    def resume(self) -> dict[str, Any]: ...
+    def restart(self) -> dict[str, Any]: ...
+    def apply_settings(self, new: Settings, changed_keys: list[str]) -> dict[str, Any]:
+        """Apply what can be applied live; return ``{"applied": [...], "restart_required": [...]}``."""
+        ...
+
+
+class Publish(Protocol):
+    """Same shape as :meth:`agent.transport.mqtt.MqttLink.publish`."""
+
+    def __call__(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        correlation_data: bytes | None = None,
+        response_topic: str | None = None,
+        message_expiry_s: int | None = None,
+    ) -> None: ...
+
+
+# -- the dispatcher --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    topic: str
+    correlation: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Command:
+    args: type[BaseModel]
+    slow: bool
+    run: Callable[[Any], dict[str, Any]]
+
+
+@dataclass
+class _Job:
+    request: CommandRequest
+    target: CommandTarget
+    args: BaseModel
+    message: Incoming
+    started: float
+    replies: list[_Reply] = field(default_factory=list)
+
+
+_STOP = object()
+
+
+class FleetService:
+    """Receives fleet commands for one device, runs each id once, and publishes its result."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        control: DeviceControl,
+        publish: Publish,
+        config_path: Path | None,
+        state_dir: Path,
+        *,
+        ack: Callable[[Incoming], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        fleet: FleetSettings = settings.fleet
+        self._settings = settings
+        self._fleet = fleet
+        self._control = control
+        self._publish = publish
+        self._ack = ack
+        self._config_path = config_path
+        self._clock = clock
+        self.topics = FleetTopics(settings.mqtt.topic_prefix, settings.device_id,
+                                  tuple(settings.groups))
+        key_path = fleet.resolved_public_key()
+        self._public_key: Ed25519PublicKey | None = load_public_key(key_path) if key_path else None
+        self._require_signature = fleet.signature_required()
+        if self._require_signature and self._public_key is None:
+            raise ConfigError(
+                "fleet.require_signature is on but no public key is configured: set fleet.public_key "
+                "or provide the 'fleet_pubkey' credential"
+            )
+        self._results = JsonLru(state_dir / "results.jsonl", fleet.result_cache_size)
+        self._nonces = NonceCache(state_dir / "nonces.jsonl", fleet.nonce_cache_size, fleet.signature_window_s)
+        self._pending: dict[str, _Job] = {}
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+        self._commands: dict[str, _Command] = {
+            "ping": _Command(NoArgs, False, self._ping),
+            "status": _Command(NoArgs, False, self._status),
+            "plan": _Command(PlanArgs, True, lambda a: control.plan(a.model_dump(exclude_none=True))),
+            "set-model": _Command(ModelArgs, True, lambda a: control.set_model(a.model, a.quant)),
+            "pull": _Command(ModelArgs, True, lambda a: control.pull(a.model, a.quant)),
+            "reload": _Command(NoArgs, True, lambda a: control.reload()),
+            "config-get": _Command(ConfigGetArgs, False, self._config_get),
+            "config-set": _Command(ConfigSetArgs, True, self._config_set),
+            "drain": _Command(NoArgs, False, lambda a: control.drain()),
+            "resume": _Command(NoArgs, False, lambda a: control.resume()),
+            "restart": _Command(NoArgs, False, lambda a: control.restart()),
+        }
+
+    @property
+    def command_names(self) -> list[str]:
+        return sorted(self._commands)
+
+    @property
+    def signature_required(self) -> bool:
+        return self._require_signature
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        """Topic filters to subscribe (QoS 1): this device's, each of its groups', and the fleet-wide one."""
+        return [(f, 1) for f in self.topics.filters()]
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Let the worker finish the running slow command (bounded), then stop it."""
+        if self._worker is not None:
+            self._jobs.put(_STOP)
+            self._worker.join(timeout)
+            self._worker = None
+
+    # -- arrival (caller's thread; never blocks on a slow command) ----------------------------------
+
+    def handle(self, message: Incoming) -> bool:
+        """Process ``message`` if it is a command for this device; False for any other topic."""
+        target = self.topics.match(message.topic)
+        if target is None:
+            return False
+        try:
+            self._arrive(message, target)
+        except Exception:
+            # A bug in one command must not take the daemon down; the id stays unacknowledged.
+            log.exception("fleet_command_crashed", topic=message.topic)
+        return True
+
+    def _arrive(self, message: Incoming, target: CommandTarget) -> None:
+        now = self._clock()
+        own = [_Reply(self.topics.result)]
+        data: dict[str, Any] | None = None
+        try:
+            data = _decode_object(message.payload)
+            request = _validate(CommandRequest, data)
+            signed = self._authenticate(request, data, target)
+        except SignatureError as exc:
+            # Unauthenticated: answer only on our own result topic, never on a topic the sender chose.
+            self._refuse(message, target, _peek_id(data), exc, own)
+            return
+        except BadRequestError as exc:
+            replies = own if self._require_signature else own + self._requested(message, data)
+            self._refuse(message, target, _peek_id(data), exc, replies)
+            return
+        replies = own + self._requested(message, data)
+        # Under the lock the worker holds while it stores a result and retires the job, so an id is
+        # always either stored, pending, or new: never run twice, never answered zero times.
+        with self._lock:
+            stored = self._results.get(request.id)
+            pending = self._pending.get(request.id) if stored is None else None
+            if pending is not None:
+                # Still running: the result will go to this caller too, once.
+                pending.replies.extend(r for r in replies if r not in pending.replies)
+        if stored is not None:
+            log.info("fleet_command_duplicate", id=request.id, cmd=target.name)
+            self._send({**stored, "duplicate": True}, replies)
+            self._acknowledge(message)
+            return
+        if pending is not None:
+            self._acknowledge(message)
+            return
+        try:
+            if signed:
+                self._check_replay(request, now)
+        except SignatureError as exc:
+            self._refuse(message, target, request.id, exc, own)
+            return
+        try:
+            if request.expires_at is not None and now > request.expires_at:
+                raise ExpiredCommandError(f"command expired {now - request.expires_at:.1f} s ago; not run")
+            command = self._commands.get(target.name)
+            if command is None:
+                raise UnknownCommandError(
+                    f"unknown command {target.name!r}; known: {', '.join(self.command_names)}"
+                )
+            args = _validate(command.args, request.args)
+        except AgentError as exc:
+            self._finish(_Job(request, target, NoArgs(), message, now, replies), exc)
+            return
+        job = _Job(request, target, args, message, now, replies)
+        log.debug("fleet_command_received", id=request.id, cmd=target.name, scope=target.scope)
+        if command.slow:
+            with self._lock:
+                self._pending[request.id] = job
+            self._ensure_worker()
+            self._jobs.put(job)
+        else:
+            self._finish(job, self._execute(command, job))
+
+    def _authenticate(self, request: CommandRequest, data: dict[str, Any], target: CommandTarget) -> bool:
+        """Verify the signature and its binding to the topic; True if the command was signed and verified."""
+        signed = request.sig is not None and self._public_key is not None
+        if self._require_signature or signed:
+            assert self._public_key is not None  # guaranteed by __init__ when required
+            verify_payload(data, self._public_key)
+            if request.cmd is None or request.target is None:
+                raise BadSignatureError("signed commands must carry 'cmd' and 'target' (bound to the topic)")
+        for field_name, expected in (("cmd", target.name), ("target", target.label)):
+            got = getattr(request, field_name)
+            if got is not None and got != expected:
+                error = BadSignatureError if signed else BadRequestError
+                raise error(f"payload {field_name} {got!r} does not match the topic ({expected!r})")
+        return signed
+
+    def _check_replay(self, request: CommandRequest, now: float) -> None:
+        check_fresh(request.issued_at, now, self._fleet.signature_window_s)
+        if request.nonce is None:
+            raise BadSignatureError("signed commands must carry a 'nonce'")
+        if self._nonces.seen(request.nonce):
+            raise ReplayedCommandError(f"nonce {request.nonce!r} was already used; refusing a replay")
+        assert request.issued_at is not None  # check_fresh raised otherwise
+        self._nonces.add(request.nonce, request.issued_at, now)
+
+    # -- execution ---------------------------------------------------------------------------------
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._work, name="fleet-commands", daemon=True)
+            self._worker.start()
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is _STOP:
+                return
+            assert isinstance(job, _Job)  # only jobs and _STOP are queued
+            try:
+                self._finish(job, self._execute(self._commands[job.target.name], job))
+            except Exception:
+                log.exception("fleet_command_crashed", id=job.request.id, cmd=job.target.name)
+                with self._lock:
+                    self._pending.pop(job.request.id, None)
+
+    def _execute(self, command: _Command, job: _Job) -> dict[str, Any] | AgentError:
+        try:
+            return command.run(job.args)
+        except AgentError as exc:
+            return exc
+        except Exception as exc:
+            log.exception("fleet_command_failed", id=job.request.id, cmd=job.target.name)
+            return AgentError(f"{type(exc).__name__}: {exc}")
+
+    def _finish(self, job: _Job, outcome: dict[str, Any] | AgentError) -> None:
+        """Store the result under the id (so it is never run again), publish it, then acknowledge."""
+        result = _result(job.request.id, self.topics.device_id, job.target.name, outcome)
+        body = result.model_dump(mode="json", exclude_none=True)
+        with self._lock:
+            self._results.put(job.request.id, body)
+            replies = list(job.replies)
+            self._pending.pop(job.request.id, None)
+        self._send(body, replies)
+        self._acknowledge(job.message)
+        log.info(
+            "fleet_command_done",
+            id=job.request.id,
+            cmd=job.target.name,
+            scope=job.target.scope,
+            ok=result.ok,
+            code=result.error.code if result.error else None,
+            ms=round((self._clock() - job.started) * 1000, 1),
+        )
+
+    def _refuse(
+        self, message: Incoming, target: CommandTarget, rid: str | None, exc: AgentError, replies: list[_Reply]
+    ) -> None:
+        """Answer a command that was not run and is not remembered (it may be retried correctly)."""
+        log.warning("fleet_command_refused", id=rid, cmd=target.name, topic=message.topic, code=exc.code,
+                    reason=str(exc))
+        self._send(_result(rid, self.topics.device_id, target.name, exc).model_dump(mode="json", exclude_none=True),
+                   replies)
+        self._acknowledge(message)
+
+    def _send(self, body: dict[str, Any], replies: list[_Reply]) -> None:
+        payload = json.dumps(body, ensure_ascii=False).encode()
+        for reply in replies:
+            self._publish(reply.topic, payload, qos=1, correlation_data=reply.correlation)
+
+    def _acknowledge(self, message: Incoming) -> None:
+        if self._ack is not None:
+            self._ack(message)
+
+    def _requested(self, message: Incoming, data: Mapping[str, Any] | None) -> list[_Reply]:
+        """The caller's reply address: the MQTT 5 Response Topic, else the payload's ``reply_to``."""
+        topic = message.response_topic
+        if topic is None and data is not None and isinstance(data.get("reply_to"), str):
+            topic = data["reply_to"]
+        if topic is None or not is_concrete_topic(topic) or topic == self.topics.result:
+            return []
+        return [_Reply(topic, message.correlation_data)]
+
+    # -- commands implemented here -------------------------------------------------------------------
+
+    def _ping(self, args: NoArgs) -> dict[str, Any]:
+        return {"pong": True, "time": round(self._clock(), 3), "groups": list(self.topics.groups)}
+
+    def _status(self, args: NoArgs) -> dict[str, Any]:
+        status = dict(self._control.status())
+        status.setdefault("device_id", self.topics.device_id)
+        status.setdefault("groups", list(self.topics.groups))
+        status.setdefault("signature_required", self._require_signature)
+        return status
+
+    def _config_get(self, args: ConfigGetArgs) -> dict[str, Any]:
+        return {"key": args.key, "value": get_value(self._settings, args.key)}
+
+    def _config_set(self, args: ConfigSetArgs) -> dict[str, Any]:
+        if self._config_path is None:
+            raise ConfigError("this device runs without a config file; config-set has nowhere to persist")
+        change = edit_config(self._config_path, args.changes(), current=self._settings)
+        applied: dict[str, Any] = {"applied": [], "restart_required": []}
+        if change.changed_keys:
+            applied = dict(self._control.apply_settings(change.settings, change.changed_keys))
+        self._settings = change.settings
+        return {"persisted": str(change.path), "changed": change.changed_keys, **applied}
+
+
+# -- operator side -----------------------------------------------------------------------------------
+
+
+def build_command(
+    name: str,
+    args: Mapping[str, Any],
+    scope: Scope,
+    value: str | None,
+    *,
+    key: Ed25519PrivateKey | None = None,
+    ttl_s: float | None = None,
+    command_id: str | None = None,
+    reply_to: str | None = None,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """A command payload ready to publish (signed when ``key`` is given), bound to its name and target."""
+    issued = round(time.time() if now is None else now, 3)
+    payload: dict[str, Any] = {
+        "v": PROTOCOL_VERSION,
+        "id": command_id or uuid.uuid4().hex,
+        "cmd": name,
+        "target": target_label(scope, value),
+        "args": dict(args),
+        "issued_at": issued,
+        "nonce": uuid.uuid4().hex,
+    }
+    if ttl_s is not None:
+        payload["expires_at"] = round(issued + ttl_s, 3)
+    if reply_to is not None:
+        payload["reply_to"] = reply_to
+    return sign_payload(payload, key) if key is not None else payload
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+
+def _result(rid: str | None, device_id: str, cmd: str, outcome: dict[str, Any] | AgentError) -> CommandResult:
+    if isinstance(outcome, AgentError):
+        return CommandResult(id=rid, device_id=device_id, cmd=cmd, ok=False, duplicate=False,
+                             error=CommandError(code=outcome.code, message=str(outcome)))
+    return CommandResult(id=rid, device_id=device_id, cmd=cmd, ok=True, result=outcome, duplicate=False)
+
+
+def _decode_object(payload: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(payload.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BadRequestError("payload is not UTF-8") from exc
+    except ValueError as exc:
+        raise BadRequestError(f"payload is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BadRequestError("payload must be a JSON object")
+    return data
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _validate(model: type[M], data: Any) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise BadRequestError(_describe(exc)) from exc
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "args"
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)
+
+
+def _peek_id(data: Mapping[str, Any] | None) -> str | None:
+    rid = data.get("id") if data is not None else None
+    return rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None
