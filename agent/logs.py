@@ -37,5 +37,5 @@ def configure_logging(
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(file=out),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=False,  # tests and `run` reconfigure after modules first log
     )

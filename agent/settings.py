@@ -17,8 +17,12 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 
+from agent.adapt.settings import AdaptSettings
 from agent.errors import ConfigError
-from agent.settings_base import Section, validate_topic_level
+from agent.fleet.settings import FleetSettings
+from agent.services.cloud_settings import CloudSettings
+from agent.services.telemetry import TelemetrySettings
+from agent.settings_base import Section, credentials_dir, validate_topic_level
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
 ENV_PREFIX = "EDGE_AGENT_"
@@ -68,8 +72,15 @@ class MqttSettings(Section):
 
 class ModelSettings(Section):
     path: Path | None = Field(
-        None, description="Serve this local GGUF file as is. Leave empty to choose from the catalog."
+        None, description="Serve this local GGUF file as is (overrides 'name'). Leave empty to choose from the catalog."
     )
+    name: str | None = Field(
+        None,
+        description="Catalog entry to serve (models.toml): the agent measures the device, picks the quant "
+        "that fits, pulls it from the Hub and loads it.",
+    )
+    quant: str | None = Field(None, description="Pin a quant of the catalog entry (e.g. Q4_K_M) instead of choosing.")
+    catalog: Path | None = Field(None, description="Your own models.toml; default: the catalog shipped with the agent.")
     n_ctx: int = Field(2048, ge=64, le=1_048_576, description="Context window in tokens.")
     threads: int = Field(0, ge=0, le=1024, description="Generation threads; 0 = physical cores.")
     n_batch: int = Field(512, ge=8, le=65536, description="Prompt-processing batch size.")
@@ -103,6 +114,26 @@ class HardwareSettings(Section):
     proc_root: Path = Field(Path("/proc"), description="Root of procfs (tests point it at fixture trees).")
 
 
+class HubSettings(Section):
+    cache_dir: Path | None = Field(
+        None,
+        description="Hugging Face cache. Default: HF_HUB_CACHE, HF_HOME/hub, $STATE_DIRECTORY/hf-cache "
+        "(systemd), else /var/lib/edge-agent/hf-cache — never $HOME.",
+    )
+    token: SecretStr | None = Field(
+        None,
+        description="Hub token for gated models (or an absolute path to a file holding it). Prefer the "
+        "systemd credential 'hf_token'; HF_TOKEN also works.",
+    )
+    endpoint: str | None = Field(None, description="Hub URL; default HF_ENDPOINT, else https://huggingface.co.")
+    offline: bool = Field(False, description="Never touch the network; serve only what the cache has (HF_HUB_OFFLINE).")
+    min_free_bytes: int = Field(
+        256 * 2**20, ge=0, description="Disk space that must remain free after a download."
+    )
+    timeout_s: float = Field(30.0, gt=0, description="Timeout of each Hub request.")
+    retries: int = Field(5, ge=0, description="Consecutive cut downloads without progress before giving up.")
+
+
 class LogSettings(Section):
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     format: Literal["auto", "json", "console"] = Field(
@@ -117,16 +148,39 @@ class Settings(Section):
         default_factory=_default_device_id,
         description="This device's name: one MQTT topic level. Default: the hostname.",
     )
+    role: Literal["edge", "cloud"] = Field(
+        "edge",
+        description="'edge' serves its own topics; 'cloud' also takes offloaded requests from the cloud infer "
+        "topic as an MQTT 5 shared subscription.",
+    )
+    groups: list[str] = Field(
+        default_factory=list, description="Fleet groups this device belongs to; one MQTT topic level each."
+    )
     mqtt: MqttSettings = Field(default_factory=MqttSettings)  # type: ignore[arg-type]
     model: ModelSettings = Field(default_factory=ModelSettings)  # type: ignore[arg-type]
     inference: InferenceSettings = Field(default_factory=InferenceSettings)  # type: ignore[arg-type]
     hardware: HardwareSettings = Field(default_factory=HardwareSettings)  # type: ignore[arg-type]
+    hub: HubSettings = Field(default_factory=HubSettings)  # type: ignore[arg-type]
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)  # type: ignore[arg-type]
+    adapt: AdaptSettings = Field(default_factory=AdaptSettings)  # type: ignore[arg-type]
+    cloud: CloudSettings = Field(default_factory=CloudSettings)  # type: ignore[arg-type]
+    fleet: FleetSettings = Field(default_factory=FleetSettings)  # type: ignore[arg-type]
     log: LogSettings = Field(default_factory=LogSettings)  # type: ignore[arg-type]
 
     @field_validator("device_id")
     @classmethod
     def _device_id_is_topic_level(cls, value: str) -> str:
-        return validate_topic_level(value, "device_id")
+        validate_topic_level(value, "device_id")
+        if value in ("group", "fleet", "cloud"):
+            raise ValueError(f"device_id {value!r} is reserved for fleet-wide topics")
+        return value
+
+    @field_validator("groups")
+    @classmethod
+    def _groups_are_topic_levels(cls, value: list[str]) -> list[str]:
+        for group in value:
+            validate_topic_level(group, "each group")
+        return value
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
@@ -206,9 +260,3 @@ def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> None:
 def redacted_dict(settings: Settings) -> dict[str, Any]:
     """The effective configuration as plain data with secrets masked (for printing)."""
     return settings.model_dump(mode="json")  # SecretStr dumps as '**********'
-
-
-def credentials_dir() -> Path | None:
-    """systemd's ``$CREDENTIALS_DIRECTORY`` (LoadCredential=), where secrets live on a device."""
-    value = os.environ.get("CREDENTIALS_DIRECTORY")
-    return Path(value) if value else None

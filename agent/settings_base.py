@@ -6,6 +6,9 @@ telemetry module, and so on); ``agent.settings`` assembles them into the file's 
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict
 
 _TOPIC_FORBIDDEN = ("+", "#", "\x00")
@@ -26,3 +29,9 @@ class Section(BaseModel):
     """Base for config sections: unknown keys are errors, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def credentials_dir() -> Path | None:
+    """systemd's ``$CREDENTIALS_DIRECTORY`` (LoadCredential=), where secrets live on a device."""
+    value = os.environ.get("CREDENTIALS_DIRECTORY")
+    return Path(value) if value else None

@@ -38,7 +38,10 @@ def start_daemon(tmp_path: Path, broker: Broker, tiny_models: dict[str, Path]) -
     """Factory: write a config and start the real daemon; waits until it is online. Stops all at teardown."""
     started: list[DaemonProcess] = []
 
-    def _start(device_id: str = "dev1", model: str = "Q8_0", wait: bool = True, **sections: dict) -> DaemonProcess:
+    def _start(device_id: str = "dev1", model: str = "Q8_0", wait: bool = True, model_cfg: dict | None = None,
+               **sections: dict) -> DaemonProcess:
+        if model_cfg:
+            sections["model"] = model_cfg
         config = write_config(tmp_path / f"{device_id}.toml", port=broker.port, model_file=tiny_models[model],
                               device_id=device_id, **sections)
         d = DaemonProcess(config=config, workdir=tmp_path).start()

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from pathlib import Path
 from typing import Any
-
-import structlog
 
 from agent.commands.config_cmd import add_config_argument
 from agent.hardware.probe import probe_device
@@ -34,12 +30,6 @@ def add_parser(subparsers: Any) -> None:
 
 def _probe(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, required=args.config is not None)
-    if not structlog.is_configured():
-        # Unreadable sensor files are logged at debug; keep them off stdout so --json stays parseable.
-        structlog.configure(
-            wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        )
     models_dir = args.models_dir
     if models_dir is None and settings.model.path is not None:
         models_dir = settings.model.path.parent

@@ -140,6 +140,22 @@ class LlamaEngine:
         )
         return self.info
 
+    def set_threads(self, threads: int) -> None:
+        """Change generation threads live (between requests; llama.cpp applies it to the next decode)."""
+        llm = self._llm_or_raise()
+        llm._ctx.set_n_threads(threads, threads)  # type: ignore[attr-defined]  # noqa: SLF001
+        self._threads = threads
+        if self.info is not None:
+            self.info = LoadedModel(
+                path=self.info.path,
+                name=self.info.name,
+                n_ctx=self.info.n_ctx,
+                threads=threads,
+                has_chat_template=self.info.has_chat_template,
+                load_s=self.info.load_s,
+            )
+        log.info("threads_changed", threads=threads)
+
     def close(self) -> None:
         llm, self._llm = self._llm, None
         if llm is not None:

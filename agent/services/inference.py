@@ -9,10 +9,14 @@ in flight when the process died is redelivered by the broker (persistent session
 from __future__ import annotations
 
 import hashlib
+import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -85,7 +89,9 @@ class InferenceService:
         self._in_system = 0
         self._current: Job | None = None
         self._pending: dict[str, Job] = {}
+        self._controls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._accepting = True
+        self.draining = False
         self._worker = threading.Thread(target=self._work, name="inference-worker", daemon=True)
         self.counters = Counters()
 
@@ -97,6 +103,35 @@ class InferenceService:
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def engine(self) -> LlamaEngine:
+        return self._engine
+
+    @property
+    def model_name(self) -> str:
+        return self._model_name
+
+    def between_requests(self, action: Callable[[], Any]) -> Future[Any]:
+        """Run ``action`` on the worker thread after the current generation, before the next queued one.
+
+        This is how the engine is changed (threads, hot swap) without racing a generation: queued
+        requests simply wait, none is dropped.
+        """
+        future: Future[Any] = Future()
+        self._controls.put((action, future))
+        self._queue.wake()
+        return future
+
+    def swap_engine(self, new_engine: LlamaEngine, model_name: str) -> Future[Any]:
+        """Switch to an already loaded engine between requests and close the old one."""
+
+        def switch() -> str:
+            old, self._engine, self._model_name = self._engine, new_engine, model_name
+            old.close()
+            return model_name
+
+        return self.between_requests(switch)
 
     @property
     def busy(self) -> bool:
@@ -112,6 +147,10 @@ class InferenceService:
         if resolved is None:
             return
         request, reply = resolved
+        if self.draining:
+            self._reject(message, reply, request.id,
+                         OverloadedError("this device is draining; ask another", retry_after_ms=self._retry_after_ms()))
+            return
         request_id = request.id or uuid.uuid4().hex
         key = self._dedup_key(request, message, reply)
         if self._is_duplicate(key, request, message):
@@ -224,8 +263,22 @@ class InferenceService:
 
     # -- worker thread -----------------------------------------------------------------------------
 
+    def _run_controls(self) -> None:
+        while True:
+            try:
+                action, future = self._controls.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(action())
+            except BaseException as exc:  # handed to the waiting caller
+                future.set_exception(exc)
+
     def _work(self) -> None:
         while True:
+            self._run_controls()
             job = self._queue.take(timeout=1.0)
             if job is None:
                 if not self._accepting:

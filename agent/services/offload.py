@@ -174,7 +174,12 @@ class CloudRelay:
         self.reply_topic = settings.reply_topic_for(prefix, device_id)
         self._events: queue.SimpleQueue[LinkEvent | None] = queue.SimpleQueue()
         mqtt = settings.mqtt(device_id)
-        self._link = MqttLink(mqtt, mqtt.client_id or f"edge-agent-{device_id}-relay", self._events.put)
+        self._link = MqttLink(
+            mqtt,
+            mqtt.client_id or f"edge-agent-{device_id}-relay",
+            self._events.put,
+            password_credential="cloud_mqtt_password",
+        )
         self._pending: dict[bytes, _Pending] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()

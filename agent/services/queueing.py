@@ -77,6 +77,11 @@ class BoundedQueue(Generic[T]):
                 self._cond.wait(timeout)
             return self._items.popleft() if self._items else None
 
+    def wake(self) -> None:
+        """Wake a waiting ``take`` (it returns None) so the consumer can look at other work."""
+        with self._cond:
+            self._cond.notify_all()
+
     def remove_first(self, match: Callable[[T], bool]) -> T | None:
         with self._cond:
             for item in self._items:

@@ -23,7 +23,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.errors import TransportError
-from agent.settings import MqttSettings, credentials_dir
+from agent.settings import MqttSettings
+from agent.settings_base import credentials_dir
 
 log = structlog.get_logger("agent.transport")
 
@@ -56,12 +57,12 @@ class Disconnected:
 LinkEvent = Incoming | Connected | Disconnected
 
 
-def _password(settings: MqttSettings) -> str | None:
+def _password(settings: MqttSettings, credential: str) -> str | None:
     if settings.password is not None:
         return settings.password.get_secret_value()
     creds = credentials_dir()
-    if creds is not None and (creds / "mqtt_password").is_file():
-        return (creds / "mqtt_password").read_text(encoding="utf-8").strip()
+    if creds is not None and (creds / credential).is_file():
+        return (creds / credential).read_text(encoding="utf-8").strip()
     return None
 
 
@@ -78,6 +79,7 @@ class MqttLink:
         manual_ack: bool = False,
         persistent_session: bool = False,
         on_connect_publish: Callable[[], None] | None = None,
+        password_credential: str = "mqtt_password",
     ) -> None:
         self._settings = settings
         self._on_event = on_event
@@ -104,12 +106,17 @@ class MqttLink:
             max(1, int(settings.reconnect_min_s)), max(1, int(settings.reconnect_max_s))
         )
         if settings.username:
-            self._client.username_pw_set(settings.username, _password(settings))
+            # Each broker has its own credential name, so the cloud link never sends the local password.
+            self._client.username_pw_set(settings.username, _password(settings, password_credential))
         if settings.tls:
+            key_file = settings.key_file
+            creds = credentials_dir()
+            if key_file is None and settings.cert_file and creds is not None and (creds / "tls_key").is_file():
+                key_file = creds / "tls_key"  # the private key as a systemd credential, never in /etc
             self._client.tls_set(
                 ca_certs=str(settings.ca_file) if settings.ca_file else None,
                 certfile=str(settings.cert_file) if settings.cert_file else None,
-                keyfile=str(settings.key_file) if settings.key_file else None,
+                keyfile=str(key_file) if key_file else None,
                 cert_reqs=ssl.CERT_REQUIRED,
             )
         if will is not None:
@@ -162,6 +169,8 @@ class MqttLink:
         self._client.disconnect()
         self._client.loop_stop()
         self._connected.clear()
+        # paho closes its wake-up socket pair only when garbage-collected; close it now.
+        self._client._reset_sockets(sockpair_only=True)  # noqa: SLF001
 
     def flush(self, timeout: float) -> None:
         """Wait (bounded) until paho has no unacknowledged outgoing messages."""

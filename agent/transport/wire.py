@@ -132,8 +132,12 @@ class Status(WireModel):
 
     state: Literal["online", "offline", "draining"]
     device_id: str
+    role: Literal["edge", "cloud"] = "edge"
+    groups: list[str] = Field(default_factory=list, description="Fleet groups (targets of group commands).")
     version: str | None = None
     model: str | None = None
+    quant: str | None = None
+    mode: Literal["local", "degraded", "offloading"] | None = None
     n_ctx: int | None = None
     threads: int | None = None
     since: float | None = Field(None, description="Unix time this state began.")

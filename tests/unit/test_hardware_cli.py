@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from agent.commands import probe
+from agent.__main__ import main
 from tests.support.hardware import FIXTURES, expected_data
 
 
@@ -22,11 +21,7 @@ def _restore_structlog() -> Iterator[None]:
 
 
 def _run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="edge-agent")
-    probe.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    code: int = args.func(args)
-    return code
+    return main(argv)
 
 
 def _case_args(case: str, tmp_path: Path) -> list[str]:
