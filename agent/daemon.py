@@ -14,6 +14,7 @@ import queue
 import signal
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Protocol
 
@@ -72,6 +73,7 @@ class Daemon:
         self._ready_sent = False
         self._model: LoadedModel | None = None
         self._hang = False
+        self._quant: str | None = None
 
     # -- signals -----------------------------------------------------------------------------------
 
@@ -99,12 +101,11 @@ class Daemon:
     def run(self) -> int:
         """Start, serve until a signal, shut down cleanly; returns the process exit code."""
         settings = self._settings
-        if settings.model.path is None:
-            raise ConfigError("model.path is not set: give the GGUF file to serve ([model] path = ...)")
+        model_path, n_ctx = self._resolve_model()
         self._notifier.status("loading model")
         engine = LlamaEngine(
-            settings.model.path,
-            n_ctx=settings.model.n_ctx,
+            model_path,
+            n_ctx=n_ctx,
             threads=settings.model.threads,
             n_batch=settings.model.n_batch,
             chat_template=settings.model.chat_template,
@@ -145,6 +146,51 @@ class Daemon:
             log.info("agent_stopped", served=service.counters.served, failed=service.counters.failed)
         return 0
 
+    def _resolve_model(self) -> tuple[Path, int]:
+        """``[model] path`` as is; else the catalog entry ``[model] name``: probe → plan → pull (verified)."""
+        model = self._settings.model
+        if model.path is not None:
+            return model.path, model.n_ctx
+        if not model.name:
+            raise ConfigError("set [model] path (a local GGUF file) or [model] name (a catalog entry)")
+        from agent.adapt.settings import board_limits  # noqa: PLC0415 - only for catalog models
+        from agent.catalog.planner import DeviceConditions, planner_from_settings  # noqa: PLC0415
+        from agent.hardware.probe import probe_device  # noqa: PLC0415
+
+        hw = self._settings.hardware
+        snap = probe_device(hw.sys_root, hw.proc_root, None)
+        limits = board_limits(snap, self._settings.adapt)
+        conditions = DeviceConditions.from_snapshot(snap, soft_limit_c=limits.soft_c, hard_limit_c=limits.hard_c)
+        planner = planner_from_settings(self._settings, os.environ)
+        self._notifier.status(f"planning {model.name}")
+        plan = planner.plan(
+            model.name,
+            conditions,
+            n_ctx=model.n_ctx if "n_ctx" in model.model_fields_set else None,
+            n_batch=model.n_batch,
+            quant=model.quant,
+        )
+        chosen = plan.decision.require()
+        log.info("model_chosen", model=model.name, quant=chosen.quant, file=chosen.file,
+                 estimate_bytes=chosen.estimate_bytes, budget_bytes=plan.decision.budget_bytes,
+                 explain=plan.decision.explain())
+        self._notifier.status(f"pulling {model.name}:{chosen.quant}")
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            # A first pull may take longer than TimeoutStartSec: tell systemd we are progressing.
+            now = time.monotonic()
+            if now - last[0] >= 5.0:
+                last[0] = now
+                self._notifier.status(f"pulling {model.name}:{chosen.quant} {100 * done // max(total, 1)}%")
+                extend = getattr(self._notifier, "extend_timeout", None)
+                if extend is not None:
+                    extend(60.0)
+
+        local = planner.ensure_present(plan, progress=progress)
+        self._quant = chosen.quant
+        return local.path, plan.n_ctx
+
     def _main_loop(self, service: InferenceService) -> None:
         interval = self._notifier.watchdog_interval_s()
         tick = min(TICK_S, interval) if interval else TICK_S
@@ -182,7 +228,10 @@ class Daemon:
             state=state,  # type: ignore[arg-type]
             device_id=self._settings.device_id,
             version=__version__,
+            role=self._settings.role,
+            groups=list(self._settings.groups),
             model=model.name if model else None,
+            quant=self._quant,
             n_ctx=model.n_ctx if model else None,
             threads=model.threads if model else None,
             since=round(time.time(), 3),

@@ -337,6 +337,7 @@ def choose(
     battery: BatteryState | None = None,
     prefer: Sequence[str] | None = None,
     policy: FitPolicy | None = None,
+    extra_cap_steps: int = 0,
 ) -> FitDecision:
     """Pick the best-quality candidate that fits ``budget`` (rules in the module docstring).
 
@@ -350,10 +351,14 @@ def choose(
     limit = budget.bytes
     t_steps, t_note = thermal_steps(thermal, policy)
     b_steps, b_note = battery_steps(battery, policy)
-    steps = min(policy.max_cap_steps, t_steps + b_steps)
+    # extra_cap_steps: the live adaptation policy's own step-downs (sustained heat, memory pressure).
+    steps = min(policy.max_cap_steps, t_steps + b_steps + max(0, extra_cap_steps))
     notes = []
     if steps:
-        notes.append(f"quality capped {steps} step(s) down: " + "; ".join(n for n in (t_note, b_note) if n))
+        why = [n for n in (t_note, b_note) if n]
+        if extra_cap_steps:
+            why.append(f"{extra_cap_steps} step(s) requested by live adaptation")
+        notes.append(f"quality capped {steps} step(s) down: " + "; ".join(why))
 
     by_model: dict[str, list[Candidate]] = {}
     for c in sorted(candidates, key=_rank):

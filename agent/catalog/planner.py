@@ -1,0 +1,293 @@
+"""From "serve gemma-3-270m-it" to a verified local GGUF: list quants, estimate each, choose, pull.
+
+The estimate for a quant that is not downloaded yet comes from its GGUF header, read from the Hub
+with HTTP Range requests (the header is at the start of the file), so the choice is made before
+downloading gigabytes. The decision itself is :func:`agent.catalog.fit.choose` (pure); this module is
+the thin I/O around it.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from agent.catalog.catalog import Catalog, CatalogEntry, discover_quant_files, load_catalog
+from agent.catalog.estimate import MemoryEstimate, default_repack_types, estimate_memory
+from agent.catalog.fit import (
+    BatteryState,
+    Budget,
+    Candidate,
+    FitDecision,
+    ThermalState,
+    choose,
+    make_budget,
+)
+from agent.catalog.gguf_header import INITIAL_READ_BYTES, GgufInfo, NeedMoreBytes, parse_header, read_local
+from agent.catalog.hub import (
+    HubError,
+    HubStore,
+    LocalModel,
+    resolve_cache_dir,
+    resolve_endpoint,
+    resolve_offline,
+    resolve_token,
+)
+from agent.catalog.quants import normalize_tag
+from agent.errors import ConfigError, ModelUnavailableError
+from agent.hardware.snapshot import DeviceSnapshot
+from agent.settings import Settings
+
+log = structlog.get_logger("agent.planner")
+
+MAX_HEADER_BYTES = 64 * 2**20  # a header larger than this is not a model we can serve on a board
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConditions:
+    """What the choice depends on; from a probe snapshot, or operator overrides in ``plan``."""
+
+    available_bytes: int
+    cgroup_limit_bytes: int | None = None
+    cgroup_usage_bytes: int | None = None
+    thermal: ThermalState | None = None
+    battery: BatteryState | None = None
+
+    @classmethod
+    def from_snapshot(
+        cls, snap: DeviceSnapshot, *, soft_limit_c: float | None = None, hard_limit_c: float | None = None
+    ) -> DeviceConditions:
+        mem = snap.memory
+        available = mem.available_bytes if mem.available_bytes is not None else (mem.budget_bytes or 0)
+        cg = mem.cgroup
+        limits = [v for v in ((cg.max_bytes, cg.high_bytes) if cg else ()) if v is not None]
+        throttle = snap.thermal.throttle
+        thermal = ThermalState(
+            temperature_c=snap.thermal.max_temp_c,
+            soft_limit_c=soft_limit_c,
+            hard_limit_c=hard_limit_c,
+            freq_capped_now=bool(throttle and throttle.now.arm_freq_capped),
+            throttled_now=bool(throttle and throttle.now.throttled),
+            soft_limit_now=bool(throttle and throttle.now.soft_temp_limit),
+        )
+        battery = None
+        if snap.power.batteries:
+            b = snap.power.batteries[0]
+            battery = BatteryState(
+                percent=b.capacity_pct, discharging=(b.status or "").lower() == "discharging"
+            )
+        return cls(
+            available_bytes=available,
+            cgroup_limit_bytes=min(limits) if limits else None,
+            cgroup_usage_bytes=cg.current_bytes if cg else None,
+            thermal=thermal,
+            battery=battery,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class QuantOption:
+    """One quant file of a catalog entry with its header and estimate."""
+
+    quant: str
+    file: str
+    info: GgufInfo
+    estimate: MemoryEstimate
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    model: str
+    entry: CatalogEntry
+    n_ctx: int
+    decision: FitDecision
+    options: dict[str, QuantOption]
+
+    @property
+    def chosen(self) -> QuantOption:
+        candidate = self.decision.require()
+        return self.options[candidate.quant]
+
+    def as_dict(self) -> dict[str, object]:
+        """The JSON shape of ``edge-agent plan --json`` (and the fleet ``plan`` command)."""
+        chosen = self.decision.chosen
+        option = self.options.get(chosen.quant) if chosen else None
+        return {
+            "model": self.model,
+            "repo": self.entry.repo,
+            "revision": self.entry.revision,
+            "n_ctx": self.n_ctx,
+            "quant": chosen.quant if chosen else None,
+            "file": chosen.file if chosen else None,
+            "estimate_bytes": option.estimate.estimate_bytes if option else None,
+            "estimate_terms": option.estimate.terms() if option else None,
+            "budget_bytes": self.decision.budget_bytes,
+            "budget": self.decision.budget.explain(),
+            "notes": list(self.decision.notes),
+            "candidates": [
+                {
+                    "quant": v.candidate.quant,
+                    "file": v.candidate.file,
+                    "estimate_bytes": v.candidate.estimate_bytes,
+                    "verdict": v.verdict.value,
+                    "reason": v.reason,
+                    "margin_bytes": v.margin_bytes,
+                }
+                for v in self.decision.verdicts
+            ],
+        }
+
+
+class Planner:
+    """Plans and pulls catalog models for this device."""
+
+    def __init__(self, catalog: Catalog, hub: HubStore, *, arch: str | None = None) -> None:
+        self._catalog = catalog
+        self._hub = hub
+        self._repack = default_repack_types(arch or platform.machine())
+
+    def entry(self, name: str) -> CatalogEntry:
+        return self._catalog.get(name)
+
+    def quant_files(self, entry: CatalogEntry) -> dict[str, str]:
+        """Tag → file: the catalog's list, or discovered from the repo listing."""
+        if entry.files:
+            return entry.quant_files()
+        listing = [f.path for f in self._hub.list_files(entry.repo, entry.revision)]
+        files = discover_quant_files(listing)
+        if not files:
+            raise ModelUnavailableError(f"{entry.repo}@{entry.revision} has no GGUF files with a quant tag")
+        return files
+
+    def header(self, entry: CatalogEntry, filename: str) -> GgufInfo:
+        """The GGUF header: from the cache when the file is there, else by Range requests to the Hub."""
+        local = self._hub.local(entry.repo, filename, entry.revision, verify=False)
+        if local is not None:
+            return read_local(local)
+        size = INITIAL_READ_BYTES
+        while True:
+            buf = self._hub.read_range(entry.repo, filename, entry.revision, 0, size)
+            try:
+                return parse_header(buf)
+            except NeedMoreBytes as more:
+                if len(buf) < size or more.needed > MAX_HEADER_BYTES:
+                    raise ModelUnavailableError(
+                        f"{entry.repo}/{filename}: GGUF header is truncated or too large"
+                    ) from more
+                size = max(more.needed, size * 2)
+
+    def plan(
+        self,
+        name: str,
+        conditions: DeviceConditions,
+        *,
+        n_ctx: int | None = None,
+        n_batch: int = 512,
+        quant: str | None = None,
+        extra_cap_steps: int = 0,
+        reserve_bytes: int | None = None,
+    ) -> Plan:
+        """Estimate every quant of ``name`` and choose one for these conditions (``quant`` pins it)."""
+        entry = self.entry(name)
+        ctx = n_ctx or entry.n_ctx or 2048
+        files = self.quant_files(entry)
+        if quant is not None:
+            tag = normalize_tag(quant)
+            if tag is None or tag not in files:
+                raise ConfigError(f"model.quant: {quant!r} is not offered for {name} (have: {', '.join(files)})")
+            files = {tag: files[tag]}
+        options: dict[str, QuantOption] = {}
+        for tag, filename in files.items():
+            try:
+                info = self.header(entry, filename)
+            except (HubError, ModelUnavailableError) as exc:
+                log.warning("plan_header_unavailable", model=name, quant=tag, file=filename, error=str(exc))
+                continue
+            est = estimate_memory(info, ctx, n_batch=n_batch, repack_types=self._repack)
+            options[tag] = QuantOption(quant=tag, file=filename, info=info, estimate=est)
+        if not options:
+            raise ModelUnavailableError(
+                f"no quant of {name} could be inspected (offline with nothing cached, or the Hub is unreachable)"
+            )
+        budget_kwargs: dict[str, int] = {} if reserve_bytes is None else {"reserve_bytes": reserve_bytes}
+        budget: Budget = make_budget(
+            conditions.available_bytes,
+            cgroup_limit_bytes=conditions.cgroup_limit_bytes,
+            cgroup_usage_bytes=conditions.cgroup_usage_bytes,
+            **budget_kwargs,
+        )
+        candidates = [
+            Candidate(model=name, quant=o.quant, estimate_bytes=o.estimate.estimate_bytes, file=o.file)
+            for o in options.values()
+        ]
+        decision = choose(
+            candidates, budget, thermal=conditions.thermal, battery=conditions.battery, extra_cap_steps=extra_cap_steps
+        )
+        log.info(
+            "plan_made",
+            model=name,
+            quant=decision.chosen.quant if decision.chosen else None,
+            budget_bytes=decision.budget_bytes,
+            candidates=len(candidates),
+        )
+        return Plan(model=name, entry=entry, n_ctx=ctx, decision=decision, options=options)
+
+    def ensure_present(
+        self, plan: Plan, *, progress: Callable[[int, int], None] | None = None
+    ) -> LocalModel:
+        """Pull (or find in the cache) the chosen file, sha256-verified."""
+        option = plan.chosen
+        return self._hub.pull(plan.entry.repo, option.file, plan.entry.revision, progress=progress)
+
+    def local_path(self, name: str, quant: str) -> Path | None:
+        entry = self.entry(name)
+        files = entry.quant_files() if entry.files else {}
+        return self._hub.local(entry.repo, files[quant], entry.revision) if quant in files else None
+
+
+_SIZE_UNITS = {
+    "": 1, "B": 1,
+    "K": 1000, "KB": 1000, "KIB": 1024,
+    "M": 1000**2, "MB": 1000**2, "MIB": 1024**2,
+    "G": 1000**3, "GB": 1000**3, "GIB": 1024**3,
+    "T": 1000**4, "TB": 1000**4, "TIB": 1024**4,
+}
+
+
+def parse_size(text: str) -> int:
+    """``1.5GiB``, ``800MB``, ``800M`` or a plain byte count → bytes (ValueError otherwise)."""
+    s = text.strip().replace(" ", "").upper()
+    i = len(s)
+    while i > 0 and s[i - 1].isalpha():
+        i -= 1
+    number, unit = s[:i], s[i:]
+    if unit not in _SIZE_UNITS or not number:
+        raise ValueError(f"not a size: {text!r} (use e.g. 1.5GiB, 800MB or a byte count)")
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (use e.g. 1.5GiB, 800MB or a byte count)") from None
+    if value < 0:
+        raise ValueError(f"size must not be negative: {text!r}")
+    return int(value * _SIZE_UNITS[unit])
+
+
+def hub_from_settings(settings: Settings, environ: Mapping[str, str]) -> HubStore:
+    """The Hub store as configured ([hub] section, then the HF_* environment, never $HOME)."""
+    hub = settings.hub
+    return HubStore(
+        cache_dir=resolve_cache_dir(hub.cache_dir, environ),
+        token=resolve_token(hub.token.get_secret_value() if hub.token else None, environ),
+        offline=resolve_offline(hub.offline, environ),
+        endpoint=resolve_endpoint(hub.endpoint, environ),
+        min_free_bytes=hub.min_free_bytes,
+        timeout_s=hub.timeout_s,
+        retries=hub.retries,
+    )
+
+
+def planner_from_settings(settings: Settings, environ: Mapping[str, str]) -> Planner:
+    return Planner(load_catalog(settings.model.catalog), hub_from_settings(settings, environ))

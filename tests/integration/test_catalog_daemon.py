@@ -1,0 +1,114 @@
+"""Given only a catalog name, the daemon measures, chooses, pulls (real huggingface_hub client), verifies, loads, serves."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemon import REPO, Client, DaemonProcess, write_config
+from tests.support.fake_hub import FakeHub
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+HUB_REPO = "edge-test/tiny-llama-GGUF"
+FILES = {"F16": "tiny-llama-F16.gguf", "Q8_0": "tiny-llama-Q8_0.gguf", "Q4_0": "tiny-llama-Q4_0.gguf"}
+
+
+@pytest.fixture
+def hub(tiny_models: dict[str, Path]) -> Iterator[FakeHub]:
+    with FakeHub() as fake:
+        fake.add_repo(HUB_REPO, {name: tiny_models[tag] for tag, name in FILES.items()})
+        yield fake
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Path:
+    files = ", ".join(f'{tag} = "{name}"' for tag, name in FILES.items())
+    path = tmp_path / "models.toml"
+    path.write_text(
+        f'[models.tiny]\nrepo = "{HUB_REPO}"\nn_ctx = 512\nfiles = {{ {files} }}\n'
+        f'[models.tiny-discovered]\nrepo = "{HUB_REPO}"\nn_ctx = 512\n'
+    )
+    return path
+
+
+def config_for(tmp_path: Path, broker, fake: FakeHub, catalog: Path, name: str = "tiny",
+               hub_cfg: dict | None = None) -> Path:
+    cfg = write_config(
+        tmp_path / "agent.toml", port=broker.port, model_file=Path("unused"),
+        hub={"endpoint": fake.endpoint, "cache_dir": str(tmp_path / "hf-cache"), **(hub_cfg or {})},
+    )
+    text = cfg.read_text().replace('path = "unused"', f'name = "{name}"\ncatalog = "{catalog}"')
+    cfg.write_text(text)
+    return cfg
+
+
+def test_daemon_plans_pulls_and_serves_a_catalog_model(tmp_path, broker, hub, catalog) -> None:
+    """[model] name alone: the best quant that fits is pulled, sha256-verified, loaded and answers requests."""
+    d = DaemonProcess(config=config_for(tmp_path, broker, hub, catalog), workdir=tmp_path).start()
+    c = Client(broker.port)
+    try:
+        chosen = d.wait_event("model_chosen", timeout=60)
+        assert chosen["quant"] == "F16"  # plenty of memory here: the best quality
+        d.wait_event("mqtt_connected", timeout=60)
+        body = json.loads(c.collect(c.request("dev1", {"prompt": "hi", "max_tokens": 3}))[-1].payload)
+        assert body["usage"]["completion_tokens"] == 3
+        assert c.retained("edge/dev1/status", state="online")["quant"] == "F16"
+        assert len(hub.file_gets(FILES["F16"])) >= 1
+        assert hub.file_gets(FILES["Q4_0"]) == [] or all(r.range for r in hub.file_gets(FILES["Q4_0"]))
+    finally:
+        c.close()
+        d.stop()
+
+
+def test_offline_restart_serves_from_the_cache_without_network(tmp_path, broker, hub, catalog) -> None:
+    """Once pulled, an offline start needs no Hub at all."""
+    first = DaemonProcess(config=config_for(tmp_path, broker, hub, catalog), workdir=tmp_path).start()
+    first.wait_event("mqtt_connected", timeout=60)
+    first.stop()
+    hub.reset_log()
+    cfg = config_for(tmp_path, broker, hub, catalog, hub_cfg={"offline": True})
+    d = DaemonProcess(config=cfg, workdir=tmp_path).start()
+    try:
+        d.wait_event("mqtt_connected", timeout=60)
+        assert hub.requests() == []
+    finally:
+        d.stop()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+
+
+def test_plan_cli_explains_and_obeys_a_small_budget(tmp_path, broker, hub, catalog) -> None:
+    """`plan --json` lists every candidate; a tight --ram-available picks less or says nothing fits, with numbers."""
+    cfg = config_for(tmp_path, broker, hub, catalog)
+    out = run_cli("plan", "--config", str(cfg), "--model", "tiny", "--json")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert plan["quant"] == "F16"
+    assert {c["quant"] for c in plan["candidates"]} == set(FILES)
+    assert plan["estimate_bytes"] > 0
+    assert plan["budget_bytes"] > plan["estimate_bytes"]
+    assert hub.file_gets(FILES["F16"]) == [] or all(r.range for r in hub.file_gets(FILES["F16"]))
+    tight = run_cli("plan", "--config", str(cfg), "--model", "tiny", "--ram-available", "1MB")
+    assert tight.returncode == 1
+    assert "nothing fits" in tight.stdout
+
+
+def test_pull_cli_discovers_quants_and_pins_one(tmp_path, broker, hub, catalog) -> None:
+    """`pull NAME:QUANT` on an entry without a file list discovers the quants from the repo listing."""
+    cfg = config_for(tmp_path, broker, hub, catalog)
+    out = run_cli("pull", "--config", str(cfg), "tiny-discovered:Q4_0", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["quant"] == "Q4_0"
+    assert Path(result["path"]).read_bytes()[:4] == b"GGUF"
+    again = run_cli("pull", "--config", str(cfg), "tiny-discovered:Q4_0", "--json")
+    assert json.loads(again.stdout)["from_cache"] is True
