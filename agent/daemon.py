@@ -3,7 +3,8 @@
 The main thread owns every decision; paho's thread only enqueues events and the inference worker
 only generates. A first SIGTERM/SIGINT starts a graceful shutdown (finish the running generation
 within the grace period, answer queued requests 'cancelled', publish 'offline'); a second one exits
-at once.
+at once. Besides serving, the main loop ticks telemetry and the live-adaptation policy, and hands
+fleet commands to :class:`agent.fleet.commands.FleetService`.
 """
 
 from __future__ import annotations
@@ -14,24 +15,37 @@ import queue
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
 from agent import __version__
+from agent.adapt.policy import CapQuant, Offload, PolicyState, SetThreads, decide, mode, observe
+from agent.adapt.settings import ThermalLimits, board_limits
+from agent.control import DaemonControl, run_logged
 from agent.engine.llama import LlamaEngine, LoadedModel
 from agent.errors import ConfigError
-from agent.services.inference import InferenceService
+from agent.fleet.commands import FleetService
+from agent.hardware.probe import CpuPercentSampler, probe_device
+from agent.hardware.snapshot import DeviceSnapshot
+from agent.logs import configure_logging
+from agent.services.ha_discovery import discovery_messages
+from agent.services.inference import InferenceService, ReplyAddress
+from agent.services.offload import CloudRelay, OffloadFlags, expected_wait_ms, should_offload
+from agent.services.telemetry import Event, RuntimeView, build_telemetry, event_from_action
+from agent.services.telemetry_buffer import TelemetryBuffer
 from agent.settings import Settings
 from agent.transport.mqtt import Connected, Disconnected, Incoming, LinkEvent, MqttLink
 from agent.transport.topics import DeviceTopics
-from agent.transport.wire import Status
+from agent.transport.wire import InferRequest, Status
 
 log = structlog.get_logger("agent.daemon")
 
 TICK_S = 1.0
+RESTART_EXIT_CODE = 75  # EX_TEMPFAIL; the unit has RestartForceExitStatus=75
 
 
 class Notifier(Protocol):
@@ -61,19 +75,58 @@ class _NoNotifier:
         return None
 
 
+def _writable_dir(preferred: Path, name: str) -> Path | None:
+    """``preferred`` if it can be created; else a per-user state dir (a daemon run by hand, not by systemd)."""
+    user_state = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local/state"))
+    for candidate in (preferred, user_state / "edge-agent" / name):
+        try:
+            candidate.mkdir(parents=True, exist_ok=True)
+            probe = candidate / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError:
+            continue
+        if candidate != preferred:
+            log.warning("state_dir_fallback", wanted=str(preferred), using=str(candidate))
+        return candidate
+    return None
+
+
 class Daemon:
-    def __init__(self, settings: Settings, notifier: Notifier | None = None) -> None:
-        self._settings = settings
+    def __init__(self, settings: Settings, notifier: Notifier | None = None, config_path: Path | None = None) -> None:
+        self.settings = settings
+        self._config_path = config_path
         self._notifier: Notifier = notifier or _NoNotifier()
         self._topics = DeviceTopics(settings.mqtt.topic_prefix, settings.device_id)
+        self._prefix = settings.mqtt.topic_prefix
         self._events: queue.SimpleQueue[LinkEvent | str] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._signals = 0
         self._started = time.time()
+        self._started_mono = time.monotonic()
         self._ready_sent = False
         self._model: LoadedModel | None = None
         self._hang = False
-        self._quant: str | None = None
+        self._exit_code = 0
+        self.quant: str | None = None
+        self.model_key: str | None = None
+        self.model_estimate_bytes: int | None = None
+        self._service: InferenceService | None = None
+        self._link: MqttLink | None = None
+        self._relay: CloudRelay | None = None
+        self._fleet: FleetService | None = None
+        self._buffer: TelemetryBuffer | None = None
+        self._limits: ThermalLimits | None = None
+        self._policy: PolicyState | None = None
+        self._snapshot: DeviceSnapshot | None = None
+        self._cpu = CpuPercentSampler(settings.hardware.proc_root)
+        self._overflowing = False
+        self._offloaded = 0
+        self._draining = False
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapt")
+        self.control = DaemonControl(self)
+        self.fleet_infer = f"$share/{self._prefix}-workers/{self._prefix}/fleet/infer"
+        self.cloud_infer = settings.cloud.shared_infer_topic(self._prefix) if settings.role == "cloud" else None
 
     # -- signals -----------------------------------------------------------------------------------
 
@@ -100,7 +153,9 @@ class Daemon:
 
     def run(self) -> int:
         """Start, serve until a signal, shut down cleanly; returns the process exit code."""
-        settings = self._settings
+        settings = self.settings
+        self._snapshot = self._probe()
+        self._limits = board_limits(self._snapshot, settings.adapt)
         model_path, n_ctx = self._resolve_model()
         self._notifier.status("loading model")
         engine = LlamaEngine(
@@ -112,6 +167,8 @@ class Daemon:
             seed=settings.model.seed,
         )
         self._model = engine.load()
+        self._policy = PolicyState.initial(self._model.threads)
+        self._buffer = self._make_buffer()
         link = MqttLink(
             settings.mqtt,
             settings.mqtt.client_id or f"edge-agent-{settings.device_id}",
@@ -119,19 +176,31 @@ class Daemon:
             will=(self._topics.status, self._status_payload("offline")),
             manual_ack=True,
             persistent_session=True,
-            on_connect_publish=lambda: link.publish(
-                self._topics.status, self._status_payload("online"), qos=1, retain=True
-            ),
+            on_connect_publish=self._on_connect_publish,
         )
+        self._link = link
         service = InferenceService(engine, link, settings.inference, settings.device_id, self._model.name)
-        link.subscribe([(self._topics.infer, 1), (self._topics.infer_cancel, 1)])
+        service.served_by = "cloud" if settings.role == "cloud" else settings.device_id
+        self._service = service
+        if settings.cloud.enabled and settings.role == "edge":
+            self._relay = CloudRelay(settings.cloud, prefix=self._prefix, device_id=settings.device_id)
+            service.router = self._route
+        fleet_state = _writable_dir(settings.fleet.state_dir, "fleet") or settings.fleet.state_dir
+        self._fleet = FleetService(settings, self.control, link.publish, self._config_path, fleet_state, ack=link.ack)
+        link.subscribe([(self._topics.infer, 1), (self._topics.infer_cancel, 1), *self._fleet.subscriptions()])
+        link.subscribe([(self.fleet_infer, 1)])
+        if self.cloud_infer:
+            link.subscribe([(self.cloud_infer, 1)])
         service.start()
+        if self._relay is not None:
+            self._relay.start()
         self._notifier.status(f"connecting to {settings.mqtt.host}:{settings.mqtt.port}")
         link.start()
         log.info(
             "agent_started",
             device_id=settings.device_id,
             version=__version__,
+            role=settings.role,
             broker=f"{settings.mqtt.host}:{settings.mqtt.port}",
             infer_topic=self._topics.infer,
         )
@@ -141,61 +210,26 @@ class Daemon:
             self._notifier.stopping("shutting down")
             log.info("agent_stopping", grace_s=settings.inference.shutdown_grace_s)
             service.shutdown(settings.inference.shutdown_grace_s)
+            self._fleet.close(5.0)
+            if self._relay is not None:
+                self._relay.stop(5.0)
+            self._background.shutdown(wait=False, cancel_futures=True)
             link.stop(final=(self._topics.status, self._status_payload("offline")))
-            engine.close()
-            log.info("agent_stopped", served=service.counters.served, failed=service.counters.failed)
-        return 0
-
-    def _resolve_model(self) -> tuple[Path, int]:
-        """``[model] path`` as is; else the catalog entry ``[model] name``: probe → plan → pull (verified)."""
-        model = self._settings.model
-        if model.path is not None:
-            return model.path, model.n_ctx
-        if not model.name:
-            raise ConfigError("set [model] path (a local GGUF file) or [model] name (a catalog entry)")
-        from agent.adapt.settings import board_limits  # noqa: PLC0415 - only for catalog models
-        from agent.catalog.planner import DeviceConditions, planner_from_settings  # noqa: PLC0415
-        from agent.hardware.probe import probe_device  # noqa: PLC0415
-
-        hw = self._settings.hardware
-        snap = probe_device(hw.sys_root, hw.proc_root, None)
-        limits = board_limits(snap, self._settings.adapt)
-        conditions = DeviceConditions.from_snapshot(snap, soft_limit_c=limits.soft_c, hard_limit_c=limits.hard_c)
-        planner = planner_from_settings(self._settings, os.environ)
-        self._notifier.status(f"planning {model.name}")
-        plan = planner.plan(
-            model.name,
-            conditions,
-            n_ctx=model.n_ctx if "n_ctx" in model.model_fields_set else None,
-            n_batch=model.n_batch,
-            quant=model.quant,
-        )
-        chosen = plan.decision.require()
-        log.info("model_chosen", model=model.name, quant=chosen.quant, file=chosen.file,
-                 estimate_bytes=chosen.estimate_bytes, budget_bytes=plan.decision.budget_bytes,
-                 explain=plan.decision.explain())
-        self._notifier.status(f"pulling {model.name}:{chosen.quant}")
-        last = [0.0]
-
-        def progress(done: int, total: int) -> None:
-            # A first pull may take longer than TimeoutStartSec: tell systemd we are progressing.
-            now = time.monotonic()
-            if now - last[0] >= 5.0:
-                last[0] = now
-                self._notifier.status(f"pulling {model.name}:{chosen.quant} {100 * done // max(total, 1)}%")
-                extend = getattr(self._notifier, "extend_timeout", None)
-                if extend is not None:
-                    extend(60.0)
-
-        local = planner.ensure_present(plan, progress=progress)
-        self._quant = chosen.quant
-        return local.path, plan.n_ctx
+            service.engine.close()
+            log.info("agent_stopped", served=service.counters.served, failed=service.counters.failed,
+                     exit_code=self._exit_code)
+        return self._exit_code
 
     def _main_loop(self, service: InferenceService) -> None:
         interval = self._notifier.watchdog_interval_s()
         tick = min(TICK_S, interval) if interval else TICK_S
         last_ping = 0.0
+        next_telemetry = time.monotonic() + 1.0
         infer, cancel = self._topics.infer, self._topics.infer_cancel
+        shared = {f"{self._prefix}/fleet/infer"}
+        if self.cloud_infer:
+            shared.add(self.cloud_infer.split("/", 2)[2])
+        assert self._fleet is not None
         while not self._stop.is_set():
             try:
                 event = self._events.get(timeout=tick)
@@ -209,29 +243,305 @@ class Daemon:
                 self._notifier.watchdog()
                 last_ping = now
             if isinstance(event, Incoming):
-                if event.topic == infer:
+                if event.topic == infer or event.topic in shared:
                     service.submit(event)
                 elif event.topic == cancel:
                     service.cancel(event)
-            elif isinstance(event, Connected):
-                if not self._ready_sent:
-                    self._notifier.ready(f"serving {self._model.name if self._model else '?'} on {infer}")
-                    self._ready_sent = True
                 else:
-                    self._notifier.status(f"serving on {infer} (reconnected)")
-            elif isinstance(event, Disconnected):
-                self._notifier.status("broker unreachable; reconnecting")
+                    self._fleet.handle(event)
+            elif isinstance(event, Connected | Disconnected):
+                self._on_link_event(event)
+            if now >= next_telemetry:
+                next_telemetry = now + self.settings.telemetry.interval_s
+                run_logged(self._tick, "telemetry_tick_failed")
+
+    def _on_link_event(self, event: Connected | Disconnected) -> None:
+        infer = self._topics.infer
+        if isinstance(event, Disconnected):
+            self._notifier.status("broker unreachable; reconnecting")
+            return
+        link = self._link
+        if self._buffer is not None and link is not None:
+            # Telemetry and events kept on disk while offline go out first, in order, original timestamps.
+            self._buffer.drain(lambda t, p: link.publish(t, p, qos=1), time.time())
+        if not self._ready_sent:
+            self._notifier.ready(f"serving {self._model.name if self._model else '?'} on {infer}")
+            self._ready_sent = True
+        else:
+            self._notifier.status(f"serving on {infer} (reconnected)")
+
+    # -- model -------------------------------------------------------------------------------------
+
+    def _resolve_model(self) -> tuple[Path, int]:
+        """``[model] path`` as is; else the catalog entry ``[model] name``: probe → plan → pull (verified)."""
+        model = self.settings.model
+        if model.path is not None:
+            self.model_key = str(model.path)
+            return model.path, model.n_ctx
+        if not model.name:
+            raise ConfigError("set [model] path (a local GGUF file) or [model] name (a catalog entry)")
+        self._notifier.status(f"planning {model.name}")
+        plan = self.control._make_plan(model.name, model.quant)
+        chosen = plan.decision.require()
+        log.info("model_chosen", model=model.name, quant=chosen.quant, file=chosen.file,
+                 estimate_bytes=chosen.estimate_bytes, budget_bytes=plan.decision.budget_bytes,
+                 explain=plan.decision.explain())
+        self.control.last_plan = plan.as_dict()
+        self._notifier.status(f"pulling {model.name}:{chosen.quant}")
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            # A first pull may take longer than TimeoutStartSec: tell systemd we are progressing.
+            now = time.monotonic()
+            if now - last[0] >= 5.0:
+                last[0] = now
+                self._notifier.status(f"pulling {model.name}:{chosen.quant} {100 * done // max(total, 1)}%")
+                extend = getattr(self._notifier, "extend_timeout", None)
+                if extend is not None:
+                    extend(60.0)
+
+        local = self.control._planner_or_make().ensure_present(plan, progress=progress)
+        self.quant, self.model_key, self.model_estimate_bytes = chosen.quant, model.name, chosen.estimate_bytes
+        return local.path, plan.n_ctx
+
+    def model_switched(self, key: str, quant: str | None, estimate: int | None) -> None:
+        service = self.service_or_raise()
+        self._model = service.engine.info
+        self.model_key, self.quant, self.model_estimate_bytes = key, quant, estimate
+        self._publish_status("draining" if self._draining else "online")
+
+    def service_or_raise(self) -> InferenceService:
+        if self._service is None:
+            raise ConfigError("the daemon is not serving yet")
+        return self._service
+
+    # -- telemetry and live adaptation ---------------------------------------------------------------
+
+    def _probe(self) -> DeviceSnapshot:
+        hw = self.settings.hardware
+        models_dir = self.settings.model.path.parent if self.settings.model.path else None
+        return probe_device(hw.sys_root, hw.proc_root, models_dir)
+
+    def conditions(self) -> Any:
+        from agent.catalog.planner import DeviceConditions  # noqa: PLC0415 - needs the Hub client's module
+
+        snap = self._probe()
+        limits = self._limits or board_limits(snap, self.settings.adapt)
+        return DeviceConditions.from_snapshot(snap, soft_limit_c=limits.soft_c, hard_limit_c=limits.hard_c)
+
+    def _tick(self) -> None:
+        snap = self._probe()
+        self._snapshot = snap
+        assert self._limits is not None
+        assert self._policy is not None
+        obs = observe(snap, self._limits, ts=time.monotonic(), model_estimate_bytes=self.model_estimate_bytes)
+        before = mode(self._policy)
+        self._policy, actions = decide(self._policy, obs, self.settings.adapt)
+        for action in actions:
+            self._apply(action)
+            event = event_from_action(action, device_id=self.settings.device_id, ts=time.time())
+            self._send(self._topics.events, event.model_dump_json().encode())
+            log.info("adaptation", kind=event.kind, reason=event.reason, **{k: v for k, v in event.numbers.items()})
+        if mode(self._policy) != before:
+            self._publish_status("draining" if self._draining else "online")
+        self._send(self._topics.telemetry, build_telemetry(snap, self._runtime()).model_dump_json().encode(),
+                   retain=True)
+
+    def _apply(self, action: SetThreads | CapQuant | Offload) -> None:
+        service = self.service_or_raise()
+        if isinstance(action, SetThreads):
+            engine = service.engine
+            service.between_requests(lambda: engine.set_threads(action.threads))
+        elif isinstance(action, CapQuant):
+            name = self.settings.model.name
+            if self.settings.model.path is not None or not name:
+                log.info("quant_cap_ignored", reason="serving a fixed model.path", steps=action.steps)
+                return
+            self._background.submit(
+                run_logged,
+                lambda: self.control.switch_to_catalog(name, None, extra_cap_steps=action.steps),
+                "quant_swap_failed",
+            )
+        elif isinstance(action, Offload):
+            # Offload routing reads the policy state at each request; nothing else to do here.
+            pass
+
+    def _runtime(self) -> RuntimeView:
+        service = self.service_or_raise()
+        return RuntimeView(
+            model=self._model.name if self._model else None,
+            quant=self.quant,
+            threads=service.engine.info.threads if service.engine.info else None,
+            queue_depth=service.queue_depth,
+            tokens_per_second=service.counters.last_tokens_per_second or None,
+            requests_served=service.counters.served,
+            requests_failed=service.counters.failed,
+            requests_offloaded=self._offloaded,
+            mode=mode(self._policy) if self._policy else "local",
+            uptime_s=round(time.monotonic() - self._started_mono, 1),
+            cpu_percent=self._cpu.sample(),
+        )
+
+    def _make_buffer(self) -> TelemetryBuffer | None:
+        t = self.settings.telemetry
+        directory = _writable_dir(t.buffer_dir, "telemetry")
+        if directory is None:
+            log.warning("telemetry_buffer_disabled", reason="no writable directory", wanted=str(t.buffer_dir))
+            return None
+        return TelemetryBuffer(directory, max_bytes=t.buffer_max_bytes, max_age_s=t.buffer_max_age_s)
+
+    def _send(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Telemetry and events: now when connected, else into the on-disk buffer (replayed in order)."""
+        link = self._link
+        if link is None:
+            return
+        if self._buffer is None:
+            if link.connected:
+                link.publish(topic, payload, qos=1, retain=retain)
+            return
+        self._buffer.send(topic, payload, time.time(), connected=link.connected,
+                          publish=lambda t, p: link.publish(t, p, qos=1, retain=retain))
+
+    def emit_event(self, kind: str, reason: str, numbers: dict[str, Any]) -> None:
+        event = Event.model_validate(
+            {"kind": kind, "reason": reason, "numbers": numbers, "ts": time.time(),
+             "device_id": self.settings.device_id}
+        )
+        self._send(self._topics.events, event.model_dump_json().encode())
+
+    # -- offload -----------------------------------------------------------------------------------
+
+    def _route(self, request: InferRequest, reply: ReplyAddress, message: Incoming, request_id: str) -> bool:
+        """Local first; True when the request went to the cloud or was refused here."""
+        relay, service = self._relay, self.service_or_raise()
+        if relay is None:
+            return False
+        waiting = service.queue_depth
+        decision = should_offload(
+            queue_depth=waiting,
+            expected_wait_ms=expected_wait_ms(waiting, service.busy, service.counters.avg_request_ms),
+            deadline_ms=request.deadline_ms,
+            flags=OffloadFlags(
+                policy_offload=bool(self._policy and self._policy.level.offload),
+                model_available=True,
+                overflowing=self._overflowing,
+            ),
+            cloud_up=relay.up,
+            settings=self.settings.cloud,
+        )
+        if decision.overflowing != self._overflowing:
+            self._overflowing = decision.overflowing
+            self.emit_event("offload_on" if decision.overflowing else "offload_off", decision.reason,
+                            {"queue_depth": waiting})
+        if decision.route == "local":
+            return False
+        link = self._link
+        assert link is not None
+        if decision.route == "reject":
+            service.refuse_overloaded(message, reply, request_id, decision.retry_after_ms, decision.reason)
+            return True
+
+        def done(_outcome: Any) -> None:
+            link.ack(message)
+            self._offloaded += 1
+
+        if not relay.forward(message.payload, reply, request_id, link.publish, on_done=done):
+            link.ack(message)  # the relay already answered 'overloaded'
+        log.info("request_offloaded", id=request_id, reason=decision.reason)
+        return True
+
+    # -- fleet control hooks -----------------------------------------------------------------------
+
+    def set_draining(self, draining: bool) -> None:
+        self._draining = draining
+        service, link = self.service_or_raise(), self._link
+        service.draining = draining
+        if link is not None:
+            # A draining device leaves the fleet's shared subscription, so the broker routes to others.
+            if draining:
+                link.unsubscribe([self.fleet_infer])
+            else:
+                link.subscribe([(self.fleet_infer, 1)])
+        self._publish_status("draining" if draining else "online")
+
+    def request_restart(self) -> None:
+        self._exit_code = RESTART_EXIT_CODE
+        # Give the command result a moment to be published before shutting down.
+        threading.Timer(0.5, self._request_stop).start()
+
+    def _request_stop(self) -> None:
+        self._stop.set()
+        self._events.put("stop")
+
+    def apply_live_settings(self, new: Settings) -> None:
+        service = self.service_or_raise()
+        service.apply_settings(new.inference)
+        if new.log != self.settings.log:
+            configure_logging(new.log.level, new.log.format)
+        self.settings = self.settings.model_copy(
+            update={"inference": new.inference, "telemetry": new.telemetry, "adapt": new.adapt, "log": new.log}
+        )
+
+    def status_dict(self) -> dict[str, Any]:
+        service = self.service_or_raise()
+        info = service.engine.info
+        return {
+            "state": "draining" if self._draining else "online",
+            "device_id": self.settings.device_id,
+            "groups": list(self.settings.groups),
+            "role": self.settings.role,
+            "version": __version__,
+            "model": info.name if info else None,
+            "model_key": self.model_key,
+            "quant": self.quant,
+            "n_ctx": info.n_ctx if info else None,
+            "threads": info.threads if info else None,
+            "estimate_bytes": self.model_estimate_bytes,
+            "mode": mode(self._policy) if self._policy else "local",
+            "queue_depth": service.queue_depth,
+            "busy": service.busy,
+            "requests_served": service.counters.served,
+            "requests_failed": service.counters.failed,
+            "requests_offloaded": self._offloaded,
+            "uptime_s": round(time.monotonic() - self._started_mono, 1),
+            "plan": self.control.last_plan,
+        }
+
+    # -- status ------------------------------------------------------------------------------------
+
+    def _on_connect_publish(self) -> None:
+        link = self._link
+        if link is None:
+            return
+        link.publish(self._topics.status, self._status_payload("draining" if self._draining else "online"),
+                     qos=1, retain=True)
+        if self.settings.telemetry.ha_discovery:
+            snap = self._snapshot
+            for topic, payload in discovery_messages(
+                self._topics,
+                ha_prefix=self.settings.telemetry.ha_prefix,
+                interval_s=self.settings.telemetry.interval_s,
+                has_battery=bool(snap and snap.power.batteries),
+                board=snap.board if snap else None,
+                version=__version__,
+            ):
+                link.publish(topic, payload, qos=1, retain=True)
+
+    def _publish_status(self, state: str) -> None:
+        if self._link is not None:
+            self._link.publish(self._topics.status, self._status_payload(state), qos=1, retain=True)
 
     def _status_payload(self, state: str) -> bytes:
         model = self._model
         status = Status(
             state=state,  # type: ignore[arg-type]
-            device_id=self._settings.device_id,
+            device_id=self.settings.device_id,
+            role=self.settings.role,
+            groups=list(self.settings.groups),
             version=__version__,
-            role=self._settings.role,
-            groups=list(self._settings.groups),
             model=model.name if model else None,
-            quant=self._quant,
+            quant=self.quant,
+            mode=mode(self._policy) if self._policy else None,
             n_ctx=model.n_ctx if model else None,
             threads=model.threads if model else None,
             since=round(time.time(), 3),

@@ -22,7 +22,7 @@ from agent.errors import ConfigError
 from agent.fleet.settings import FleetSettings
 from agent.services.cloud_settings import CloudSettings
 from agent.services.telemetry import TelemetrySettings
-from agent.settings_base import Section, credentials_dir, validate_topic_level
+from agent.settings_base import Section, validate_topic_level
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
 ENV_PREFIX = "EDGE_AGENT_"

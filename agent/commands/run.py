@@ -23,7 +23,7 @@ def _run(args: argparse.Namespace) -> int:
     configure_logging(settings.log.level, settings.log.format)
     from agent.daemon import Daemon  # noqa: PLC0415 - keeps `config check` free of llama/paho imports
 
-    daemon = Daemon(settings, notifier=_notifier())
+    daemon = Daemon(settings, notifier=_notifier(), config_path=args.config)
     daemon.install_signal_handlers(test_hooks=os.environ.get("EDGE_TEST_HOOKS") == "1")
     return daemon.run()
 

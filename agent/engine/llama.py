@@ -143,7 +143,7 @@ class LlamaEngine:
     def set_threads(self, threads: int) -> None:
         """Change generation threads live (between requests; llama.cpp applies it to the next decode)."""
         llm = self._llm_or_raise()
-        llm._ctx.set_n_threads(threads, threads)  # type: ignore[attr-defined]  # noqa: SLF001
+        llm._ctx.set_n_threads(threads, threads)  # type: ignore[attr-defined]
         self._threads = threads
         if self.info is not None:
             self.info = LoadedModel(

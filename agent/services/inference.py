@@ -65,6 +65,7 @@ class Counters:
     rejected: int = 0
     tokens: int = 0
     last_tokens_per_second: float = 0.0
+    avg_request_ms: float | None = None  # exponentially weighted, for expected-wait estimates
 
 
 class InferenceService:
@@ -92,6 +93,9 @@ class InferenceService:
         self._controls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._accepting = True
         self.draining = False
+        self.served_by = device_id
+        # Offload hook (the daemon's): may take a validated request elsewhere; True = handled.
+        self.router: Callable[[InferRequest, ReplyAddress, Incoming, str], bool] | None = None
         self._worker = threading.Thread(target=self._work, name="inference-worker", daemon=True)
         self.counters = Counters()
 
@@ -123,6 +127,10 @@ class InferenceService:
         self._queue.wake()
         return future
 
+    def replace_engine(self, new_engine: LlamaEngine, model_name: str) -> None:
+        """Worker thread only (inside a between_requests action): point at a new engine."""
+        self._engine, self._model_name = new_engine, model_name
+
     def swap_engine(self, new_engine: LlamaEngine, model_name: str) -> Future[Any]:
         """Switch to an already loaded engine between requests and close the old one."""
 
@@ -147,13 +155,11 @@ class InferenceService:
         if resolved is None:
             return
         request, reply = resolved
-        if self.draining:
-            self._reject(message, reply, request.id,
-                         OverloadedError("this device is draining; ask another", retry_after_ms=self._retry_after_ms()))
-            return
         request_id = request.id or uuid.uuid4().hex
         key = self._dedup_key(request, message, reply)
         if self._is_duplicate(key, request, message):
+            return
+        if self.router is not None and self.router(request, reply, message, request_id):
             return
         job = Job(
             request_id=request_id,
@@ -182,6 +188,20 @@ class InferenceService:
             return
         log.debug("request_queued", id=request_id, depth=len(self._queue))
 
+    def refuse_overloaded(
+        self, message: Incoming, reply: ReplyAddress, request_id: str, retry_after_ms: int | None, reason: str
+    ) -> None:
+        """Answer 'overloaded' now (the offload decision found nobody who can serve it in time)."""
+        self._reject(message, reply, request_id,
+                     OverloadedError(f"overloaded ({reason}); try again later", retry_after_ms=retry_after_ms))
+
+    def apply_settings(self, settings: InferenceSettings) -> None:
+        """Live config change: new limits apply to the next request (the queue bound at once)."""
+        with self._lock:
+            self._settings = settings
+            self._queue.capacity = settings.max_queue + 1
+        self._recent._window = settings.dedup_window_s
+
     def _resolve(self, message: Incoming) -> tuple[InferRequest, ReplyAddress] | None:
         """Parse the payload and find where to answer; rejects (and acknowledges) what cannot be served."""
         reply = self._reply_address(message)
@@ -201,6 +221,10 @@ class InferenceService:
         if reply is None:
             log.warning("request_dropped", id=request.id, reason="no_reply_address", topic=message.topic)
             self._link.ack(message)
+            return None
+        if self.draining:
+            self._reject(message, reply, request.id,
+                         OverloadedError("this device is draining; ask another", retry_after_ms=self._retry_after_ms()))
             return None
         return request, reply
 
@@ -348,7 +372,7 @@ class InferenceService:
             ),
             model=self._model_name,
             device_id=self._device_id,
-            served_by=self._device_id,
+            served_by=self.served_by,
         )
         self._link.publish(
             job.reply.topic, reply.model_dump_json().encode(), qos=1, correlation_data=job.reply.correlation_data
@@ -357,6 +381,9 @@ class InferenceService:
         self.counters.served += 1
         self.counters.tokens += result.completion_tokens
         self.counters.last_tokens_per_second = result.decode_tokens_per_s
+        took = reply.timings.total_ms - reply.timings.queue_ms
+        avg = self.counters.avg_request_ms
+        self.counters.avg_request_ms = took if avg is None else 0.8 * avg + 0.2 * took
         log.info(
             "request_done",
             id=job.request_id,

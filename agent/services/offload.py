@@ -178,7 +178,7 @@ class CloudRelay:
             mqtt,
             mqtt.client_id or f"edge-agent-{device_id}-relay",
             self._events.put,
-            password_credential="cloud_mqtt_password",
+            password_credential="cloud_mqtt_password",  # noqa: S106 - a credential file name
         )
         self._pending: dict[bytes, _Pending] = {}
         self._lock = threading.Lock()

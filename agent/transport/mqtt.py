@@ -79,7 +79,7 @@ class MqttLink:
         manual_ack: bool = False,
         persistent_session: bool = False,
         on_connect_publish: Callable[[], None] | None = None,
-        password_credential: str = "mqtt_password",
+        password_credential: str = "mqtt_password",  # noqa: S107 - a credential file name, not a secret
     ) -> None:
         self._settings = settings
         self._on_event = on_event
@@ -170,7 +170,7 @@ class MqttLink:
         self._client.loop_stop()
         self._connected.clear()
         # paho closes its wake-up socket pair only when garbage-collected; close it now.
-        self._client._reset_sockets(sockpair_only=True)  # noqa: SLF001
+        self._client._reset_sockets(sockpair_only=True)
 
     def flush(self, timeout: float) -> None:
         """Wait (bounded) until paho has no unacknowledged outgoing messages."""

@@ -32,6 +32,9 @@ def write_config(
         "model": {"path": str(model_file), "n_ctx": 1024, "threads": 2},
         "inference": {"max_queue": 4, "shutdown_grace_s": 10.0},
         "log": {"level": "debug", "format": "json"},
+        # Keep every daemon's state (fleet results journal, telemetry buffer) inside the test's tmp dir.
+        "telemetry": {"buffer_dir": str(path.parent / f"state-{device_id}" / "telemetry")},
+        "fleet": {"state_dir": str(path.parent / f"state-{device_id}" / "fleet")},
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
