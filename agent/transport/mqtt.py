@@ -42,6 +42,7 @@ class Incoming:
     correlation_data: bytes | None
     message_expiry_s: int | None
     received_at: float  # time.monotonic() on arrival
+    via: str = "primary"  # which link it came through (acks must go back the same way)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +81,9 @@ class MqttLink:
         persistent_session: bool = False,
         on_connect_publish: Callable[[], None] | None = None,
         password_credential: str = "mqtt_password",  # noqa: S107 - a credential file name, not a secret
+        name: str = "primary",
     ) -> None:
+        self.name = name
         self._settings = settings
         self._on_event = on_event
         self._on_connect_publish = on_connect_publish
@@ -296,6 +299,7 @@ class MqttLink:
                 correlation_data=bytes(correlation) if correlation is not None else None,
                 message_expiry_s=int(expiry) if expiry is not None else None,
                 received_at=time.monotonic(),
+                via=self.name,
             )
         )
 
