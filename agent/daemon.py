@@ -209,6 +209,9 @@ class Daemon:
         finally:
             self._notifier.stopping("shutting down")
             log.info("agent_stopping", grace_s=settings.inference.shutdown_grace_s)
+            # Leave the shared subscriptions first: the persistent session would otherwise keep its
+            # share of fleet requests queued for us until we come back (or the session expires).
+            link.unsubscribe([t for t in (self.fleet_infer, self.cloud_infer) if t])
             service.shutdown(settings.inference.shutdown_grace_s)
             self._fleet.close(5.0)
             if self._relay is not None:
@@ -232,7 +235,9 @@ class Daemon:
         assert self._fleet is not None
         while not self._stop.is_set():
             try:
-                event = self._events.get(timeout=tick)
+                # Wake for the next telemetry tick too: a full `tick` after every event would stretch
+                # the interval by up to `tick` whenever requests arrive (1.8 s instead of 1 s, measured).
+                event = self._events.get(timeout=min(tick, max(0.01, next_telemetry - time.monotonic())))
             except queue.Empty:
                 event = None
             while self._hang and not self._stop.is_set():
@@ -336,7 +341,12 @@ class Daemon:
         assert self._policy is not None
         obs = observe(snap, self._limits, ts=time.monotonic(), model_estimate_bytes=self.model_estimate_bytes)
         before = mode(self._policy)
-        self._policy, actions = decide(self._policy, obs, self.settings.adapt)
+        adapt = self.settings.adapt
+        if self.settings.model.path is not None or not self.settings.model.name:
+            # A fixed model file has no smaller quant: capping would only publish no-op downgrades and
+            # then delay recovery by one hold per phantom rung.
+            adapt = adapt.model_copy(update={"max_cap_steps": 0})
+        self._policy, actions = decide(self._policy, obs, adapt)
         for action in actions:
             self._apply(action)
             event = event_from_action(action, device_id=self.settings.device_id, ts=time.time())
@@ -441,13 +451,15 @@ class Daemon:
             service.refuse_overloaded(message, reply, request_id, decision.retry_after_ms, decision.reason)
             return True
 
-        def done(_outcome: Any) -> None:
+        def done(outcome: Any) -> None:
+            # Called exactly once per forward(), also when the relay found the cloud unreachable and
+            # answered 'overloaded' itself: the only place the caller's PUBLISH is acknowledged.
             link.ack(message)
-            self._offloaded += 1
+            if outcome.result != "unreachable":
+                self._offloaded += 1
 
-        if not relay.forward(message.payload, reply, request_id, link.publish, on_done=done):
-            link.ack(message)  # the relay already answered 'overloaded'
-        log.info("request_offloaded", id=request_id, reason=decision.reason)
+        forwarded = relay.forward(message.payload, reply, request_id, link.publish, on_done=done)
+        log.info("request_offloaded", id=request_id, reason=decision.reason, forwarded=forwarded)
         return True
 
     # -- fleet control hooks -----------------------------------------------------------------------

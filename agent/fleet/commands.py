@@ -19,10 +19,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import structlog
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.errors import AgentError, BadRequestError, ConfigError
@@ -41,6 +40,9 @@ from agent.settings import Settings
 from agent.settings_base import validate_topic_level
 from agent.transport.mqtt import Incoming
 from agent.transport.topics import is_concrete_topic
+
+if TYPE_CHECKING:  # cryptography loads only when a fleet key is configured (~7 MB RSS)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 log = structlog.get_logger("agent.fleet")
 

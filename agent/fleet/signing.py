@@ -16,11 +16,12 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+# cryptography is imported where keys are used, not here: it adds ~7 MB to the resident daemon
+# (measured), and a device without a fleet key never needs it.
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent.errors import AgentError, ConfigError
 
@@ -86,6 +87,8 @@ def verify_payload(payload: Mapping[str, Any], key: Ed25519PublicKey) -> None:
         raw = base64.b64decode(sig, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise BadSignatureError("'sig' is not valid base64") from exc
+    from cryptography.exceptions import InvalidSignature  # noqa: PLC0415 - see the module imports
+
     try:
         key.verify(raw, canonical_bytes(payload))
     except InvalidSignature as exc:
@@ -110,6 +113,9 @@ def check_fresh(issued_at: float | None, now: float, window_s: float) -> None:
 
 def generate_keypair() -> tuple[bytes, bytes]:
     """A new key pair as (private PKCS#8 PEM, public SubjectPublicKeyInfo PEM)."""
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415
+
     key = Ed25519PrivateKey.generate()
     private = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -140,6 +146,8 @@ def write_keypair(out_dir: Path, *, force: bool = False) -> tuple[Path, Path]:
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     """Read a PEM Ed25519 private key, raising :class:`ConfigError` naming the file otherwise."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415
+
     key = _load(path, private=True)
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"{path} is not an Ed25519 private key")
@@ -148,6 +156,8 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
     """Read a PEM Ed25519 public key, raising :class:`ConfigError` naming the file otherwise."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey  # noqa: PLC0415
+
     key = _load(path, private=False)
     if not isinstance(key, Ed25519PublicKey):
         raise ConfigError(f"{path} is not an Ed25519 public key")
@@ -155,6 +165,8 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
 
 
 def _load(path: Path, *, private: bool) -> object:
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
     try:
         data = path.read_bytes()
     except OSError as exc:

@@ -23,9 +23,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def write_config(
-    path: Path, *, port: int, model_file: Path, device_id: str = "dev1", **sections: dict[str, Any]
+    path: Path,
+    *,
+    port: int,
+    model_file: Path,
+    device_id: str = "dev1",
+    top: dict[str, Any] | None = None,
+    **sections: dict[str, Any],
 ) -> Path:
-    """A TOML config for the daemon under test (small, explicit)."""
+    """A TOML config for the daemon under test (small, explicit); ``top`` = extra top-level keys (e.g. role)."""
     data: dict[str, dict[str, Any]] = {
         "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": "edge", "reconnect_min_s": 0.2,
                  "reconnect_max_s": 1.0},
@@ -39,6 +45,7 @@ def write_config(
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
     lines = [f'device_id = "{device_id}"']
+    lines.extend(f"{k} = {json.dumps(v)}" for k, v in (top or {}).items())
     for name, values in data.items():
         lines.append(f"[{name}]")
         lines.extend(f"{k} = {json.dumps(v)}" for k, v in values.items())
