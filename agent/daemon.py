@@ -35,9 +35,10 @@ from agent.logs import configure_logging
 from agent.services.ha_discovery import discovery_messages
 from agent.services.inference import InferenceService, ReplyAddress
 from agent.services.offload import CloudRelay, OffloadFlags, expected_wait_ms, should_offload
-from agent.services.telemetry import Event, RuntimeView, build_telemetry, event_from_action
+from agent.services.telemetry import Event, Mode, RuntimeView, build_telemetry, event_from_action
 from agent.services.telemetry_buffer import TelemetryBuffer
 from agent.settings import Settings
+from agent.transport.failover import FailoverLink
 from agent.transport.mqtt import Connected, Disconnected, Incoming, LinkEvent, MqttLink
 from agent.transport.topics import DeviceTopics
 from agent.transport.wire import InferRequest, Status
@@ -112,7 +113,8 @@ class Daemon:
         self.model_key: str | None = None
         self.model_estimate_bytes: int | None = None
         self._service: InferenceService | None = None
-        self._link: MqttLink | None = None
+        self._link: FailoverLink | None = None
+        self._fleet_subscribed = True
         self._relay: CloudRelay | None = None
         self._fleet: FleetService | None = None
         self._buffer: TelemetryBuffer | None = None
@@ -169,7 +171,7 @@ class Daemon:
         self._model = engine.load()
         self._policy = PolicyState.initial(self._model.threads)
         self._buffer = self._make_buffer()
-        link = MqttLink(
+        primary = MqttLink(
             settings.mqtt,
             settings.mqtt.client_id or f"edge-agent-{settings.device_id}",
             self._events.put,
@@ -177,6 +179,12 @@ class Daemon:
             manual_ack=True,
             persistent_session=True,
             on_connect_publish=self._on_connect_publish,
+        )
+        cloud_failover = settings.cloud.enabled and settings.role == "edge"
+        link = FailoverLink(
+            primary,
+            self._make_failover_link if cloud_failover else None,
+            failover_after_s=settings.cloud.failover_after_s,
         )
         self._link = link
         service = InferenceService(engine, link, settings.inference, settings.device_id, self._model.name)
@@ -247,9 +255,11 @@ class Daemon:
                 # From the main loop on purpose: if this loop wedges, systemd restarts us.
                 self._notifier.watchdog()
                 last_ping = now
+            self._check_failover(now)
             if isinstance(event, Incoming):
                 if event.topic == infer or event.topic in shared:
                     service.submit(event)
+                    self._update_fleet_share()
                 elif event.topic == cancel:
                     service.cancel(event)
                 else:
@@ -259,6 +269,48 @@ class Daemon:
             if now >= next_telemetry:
                 next_telemetry = now + self.settings.telemetry.interval_s
                 run_logged(self._tick, "telemetry_tick_failed")
+                self._update_fleet_share()
+
+    def _make_failover_link(self) -> MqttLink:
+        """The device's own topics on the cloud broker, while the local broker is unreachable."""
+        cloud = self.settings.cloud.mqtt(self.settings.device_id)
+        return MqttLink(
+            cloud,
+            f"{cloud.client_id}-failover",
+            self._events.put,
+            will=(self._topics.status, self._status_payload("offline")),
+            manual_ack=True,
+            on_connect_publish=self._on_connect_publish,
+            password_credential="cloud_mqtt_password",  # noqa: S106 - a credential file name
+            name="secondary",
+        )
+
+    def _check_failover(self, now: float) -> None:
+        link = self._link
+        if link is None:
+            return
+        transition = link.tick(now)
+        if transition is None:
+            return
+        numbers = {"failover_after_s": self.settings.cloud.failover_after_s}
+        self.emit_event(transition, "local_broker_unreachable" if transition == "failover" else "local_broker_back",
+                        numbers)
+        self._notifier.status("serving through the cloud broker" if transition == "failover"
+                              else f"serving on {self._topics.infer}")
+
+    def _update_fleet_share(self) -> None:
+        """Stay in the fleet's shared subscription only while we can take work, so the broker routes around us."""
+        link, service = self._link, self._service
+        if link is None or service is None:
+            return
+        want = not (self._draining or service.saturated or (self._policy is not None and self._policy.level.offload))
+        if want != self._fleet_subscribed:
+            self._fleet_subscribed = want
+            if want:
+                link.subscribe([(self.fleet_infer, 1)])
+            else:
+                link.unsubscribe([self.fleet_infer])
+            log.info("fleet_share", subscribed=want)
 
     def _on_link_event(self, event: Connected | Disconnected) -> None:
         infer = self._topics.infer
@@ -314,6 +366,13 @@ class Daemon:
         self._model = service.engine.info
         self.model_key, self.quant, self.model_estimate_bytes = key, quant, estimate
         self._publish_status("draining" if self._draining else "online")
+
+    @property
+    def mode(self) -> Mode:
+        """'offloading' also while queue overflow goes to the cloud, not only when the policy says so."""
+        if self._overflowing:
+            return "offloading"
+        return mode(self._policy) if self._policy else "local"
 
     def service_or_raise(self) -> InferenceService:
         if self._service is None:
@@ -387,7 +446,7 @@ class Daemon:
             requests_served=service.counters.served,
             requests_failed=service.counters.failed,
             requests_offloaded=self._offloaded,
-            mode=mode(self._policy) if self._policy else "local",
+            mode=self.mode,
             uptime_s=round(time.monotonic() - self._started_mono, 1),
             cpu_percent=self._cpu.sample(),
         )
@@ -443,6 +502,7 @@ class Daemon:
             self._overflowing = decision.overflowing
             self.emit_event("offload_on" if decision.overflowing else "offload_off", decision.reason,
                             {"queue_depth": waiting})
+            self._publish_status("draining" if self._draining else "online")
         if decision.route == "local":
             return False
         link = self._link
@@ -470,10 +530,7 @@ class Daemon:
         service.draining = draining
         if link is not None:
             # A draining device leaves the fleet's shared subscription, so the broker routes to others.
-            if draining:
-                link.unsubscribe([self.fleet_infer])
-            else:
-                link.subscribe([(self.fleet_infer, 1)])
+            self._update_fleet_share()
         self._publish_status("draining" if draining else "online")
 
     def request_restart(self) -> None:
@@ -509,7 +566,7 @@ class Daemon:
             "n_ctx": info.n_ctx if info else None,
             "threads": info.threads if info else None,
             "estimate_bytes": self.model_estimate_bytes,
-            "mode": mode(self._policy) if self._policy else "local",
+            "mode": self.mode,
             "queue_depth": service.queue_depth,
             "busy": service.busy,
             "requests_served": service.counters.served,
@@ -553,7 +610,7 @@ class Daemon:
             version=__version__,
             model=model.name if model else None,
             quant=self.quant,
-            mode=mode(self._policy) if self._policy else None,
+            mode=self.mode,
             n_ctx=model.n_ctx if model else None,
             threads=model.threads if model else None,
             since=round(time.time(), 3),

@@ -24,7 +24,7 @@ from agent.engine.llama import GenerationResult, LlamaEngine, SamplingParams
 from agent.errors import AgentError, BadRequestError, CancelledError, DeadlineExceededError, OverloadedError
 from agent.services.queueing import BoundedQueue, RecentKeys, deadline_for
 from agent.settings import InferenceSettings
-from agent.transport.mqtt import Incoming, MqttLink
+from agent.transport.mqtt import Incoming, Link
 from agent.transport.topics import is_concrete_topic
 from agent.transport.wire import (
     FinalReply,
@@ -74,7 +74,7 @@ class InferenceService:
     def __init__(
         self,
         engine: LlamaEngine,
-        link: MqttLink,
+        link: Link,
         settings: InferenceSettings,
         device_id: str,
         model_name: str,
@@ -140,6 +140,11 @@ class InferenceService:
             return model_name
 
         return self.between_requests(switch)
+
+    @property
+    def saturated(self) -> bool:
+        """True when one more request would be refused 'overloaded' (running + max_queue waiting)."""
+        return self._in_system >= self._settings.max_queue + 1
 
     @property
     def busy(self) -> bool:

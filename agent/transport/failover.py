@@ -68,8 +68,26 @@ class FailoverLink:
             return secondary
         return self.primary
 
-    def publish(self, topic: str, payload: bytes, **kwargs: object) -> None:
-        self.active_link.publish(topic, payload, **kwargs)  # type: ignore[arg-type]
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        correlation_data: bytes | None = None,
+        response_topic: str | None = None,
+        message_expiry_s: int | None = None,
+    ) -> None:
+        self.active_link.publish(
+            topic,
+            payload,
+            qos=qos,
+            retain=retain,
+            correlation_data=correlation_data,
+            response_topic=response_topic,
+            message_expiry_s=message_expiry_s,
+        )
 
     def ack(self, message: Incoming) -> None:
         secondary = self._secondary
@@ -105,13 +123,16 @@ class FailoverLink:
         if transition == "failover":
             secondary = self._make_secondary()
             secondary.subscribe(self._subscriptions.items())
+            self._secondary = secondary  # before start(): its on-connect publishes go through us
             secondary.start()
-            self._secondary = secondary
             log.warning("broker_failover", after_s=self._after)
         elif transition == "failback":
             self._close_secondary(None)
             log.info("broker_failback")
         return transition
+
+    def start(self) -> None:
+        self.primary.start()
 
     def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
         self._close_secondary(final, timeout)

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as paho
 import structlog
@@ -56,6 +56,27 @@ class Disconnected:
 
 
 LinkEvent = Incoming | Connected | Disconnected
+
+
+class Link(Protocol):
+    """What services need from a broker connection (an MqttLink, or the failover pair)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        correlation_data: bytes | None = None,
+        response_topic: str | None = None,
+        message_expiry_s: int | None = None,
+    ) -> None: ...
+
+    def ack(self, message: Incoming) -> None: ...
 
 
 def _password(settings: MqttSettings, credential: str) -> str | None:
@@ -255,6 +276,7 @@ class MqttLink:
         session_present = bool(getattr(flags, "session_present", False))
         log.info(
             "mqtt_connected",
+            link=self.name,
             host=self._settings.host,
             port=self._settings.port,
             session_present=session_present,
@@ -280,7 +302,7 @@ class MqttLink:
             log.debug("mqtt_closed")
             return
         if was_connected:
-            log.warning("mqtt_disconnected", reason=str(reason_code))
+            log.warning("mqtt_disconnected", link=self.name, reason=str(reason_code))
         self._on_event(Disconnected(reason=str(reason_code)))
 
     def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:

@@ -557,3 +557,30 @@ def test_telemetry_during_an_edge_broker_outage_is_delivered_in_order_after_it_r
     assert len(during) >= 2, ts
     gaps = [b - a for a, b in itertools.pairwise(ts)]
     assert max(gaps) < 2.5, gaps  # no reading lost across the outage
+
+
+def test_local_broker_lost_fails_over_to_the_cloud_broker_and_back(
+    edge_broker: Broker, cloud_broker: Broker, daemons: Callable[..., DaemonProcess],
+    watchers: Callable[..., Watcher],
+) -> None:  # fmt: skip
+    """After failover_after_s without its broker the device serves and reports via the cloud broker; then returns."""
+    d = daemons("dev1", edge_broker.port,
+                **edge_config(None, cloud_port=cloud_broker.port, cloud={"failover_after_s": 1.0}))  # fmt: skip
+    on_cloud = watchers(cloud_broker.port, f"{PREFIX}/dev1/events", f"{PREFIX}/dev1/status", f"{PREFIX}/dev1/telemetry")
+    started = time.monotonic()
+    edge_broker.stop()
+    d.wait_event("broker_failover", timeout=15)
+    event = on_cloud.wait_for(f"{PREFIX}/dev1/events", lambda e: e.get("kind") == "failover", timeout=15)
+    assert event["reason"] == "local_broker_unreachable"
+    assert on_cloud.wait_for(f"{PREFIX}/dev1/status", lambda s: s.get("state") == "online")["device_id"] == "dev1"
+    final = on_cloud.wait_final(on_cloud.request(f"{PREFIX}/dev1/infer", {**CHAT, "max_tokens": 3}), timeout=30)
+    assert final["served_by"] == "dev1"
+    assert final["usage"]["completion_tokens"] == 3
+    assert "temperature_c" in on_cloud.wait_for(f"{PREFIX}/dev1/telemetry", timeout=10)
+    assert time.monotonic() - started < 15
+
+    edge_broker.start()
+    d.wait_event("broker_failback", timeout=30)
+    on_edge = watchers(edge_broker.port)
+    final = on_edge.wait_final(on_edge.request(f"{PREFIX}/dev1/infer", {**CHAT, "max_tokens": 2}), timeout=30)
+    assert final["usage"]["completion_tokens"] == 2

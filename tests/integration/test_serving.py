@@ -111,7 +111,7 @@ def test_full_queue_answers_overloaded_at_once(start_daemon, client: Client) -> 
 def test_deadline_passed_in_queue_is_not_started(start_daemon, client: Client) -> None:
     """A request whose deadline_ms passes while it waits is answered 'timeout' and never generated."""
     start_daemon(model="slow")
-    busy = client.request("dev1", {**CHAT, "id": "busy", "max_tokens": 120})
+    busy = client.request("dev1", {**CHAT, "id": "busy", "max_tokens": 900})
     late = client.request("dev1", {**CHAT, "id": "late", "max_tokens": 4, "deadline_ms": 50})
     body = final(client.collect(late))
     assert body["error"]["code"] == "timeout"
