@@ -8,7 +8,6 @@ Heat and battery come from a copy of a fixture sysfs tree that the test rewrites
 
 from __future__ import annotations
 
-import getpass
 import itertools
 import json
 import queue
@@ -146,22 +145,9 @@ class Watcher:
 # --- fixtures ---------------------------------------------------------------------------------------
 
 
-class PersistentBroker(Broker):
-    """A broker that keeps sessions across a restart even when the tests run as root.
-
-    Mosquitto started as root drops to the 'mosquitto' user, which cannot write its persistence file
-    into the test's private tmp dir; ``user`` set to the current user keeps it (ignored when not root).
-    """
-
-    def write_config(self) -> None:
-        super().write_config()
-        with self.config_path.open("a") as f:
-            f.write(f"user {getpass.getuser()}\n")
-
-
 @pytest.fixture
 def edge_broker(tmp_path: Path) -> Iterator[Broker]:
-    b = PersistentBroker(tmp_path / "edge-broker", persistence=True).start()
+    b = Broker(tmp_path / "edge-broker", persistence=True).start()
     yield b
     b.stop()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import getpass
 import shutil
 import socket
 import subprocess
@@ -58,6 +59,9 @@ class Broker:
             "log_dest stderr",
             "log_type error",
             "log_type warning",
+            # Started as root, mosquitto drops to the 'mosquitto' user, which cannot write its
+            # persistence file into pytest's private tmp dir; stay the current user (ignored otherwise).
+            f"user {getpass.getuser()}",
         ]
         self.config_path.write_text("\n".join(lines) + "\n")
 
