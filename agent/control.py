@@ -177,11 +177,14 @@ class DaemonControl:
     def _make_plan(
         self, name: str, quant: str | None, *, extra_cap_steps: int = 0, freeing: int | None = None
     ) -> Plan:
+        from dataclasses import replace  # noqa: PLC0415
+
         conditions: DeviceConditions = self._daemon.conditions()
         if freeing:
-            from dataclasses import replace  # noqa: PLC0415
-
             conditions = replace(conditions, available_bytes=conditions.available_bytes + freeing)
+        if extra_cap_steps:
+            # The live policy's cap already accounts for heat and battery: do not count them twice.
+            conditions = replace(conditions, thermal=None, battery=None)
         cfg = self._daemon.settings.model
         return self._planner_or_make().plan(
             name,

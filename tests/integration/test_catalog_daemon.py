@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,3 +113,45 @@ def test_pull_cli_discovers_quants_and_pins_one(tmp_path, broker, hub, catalog) 
     assert Path(result["path"]).read_bytes()[:4] == b"GGUF"
     again = run_cli("pull", "--config", str(cfg), "tiny-discovered:Q4_0", "--json")
     assert json.loads(again.stdout)["from_cache"] is True
+
+
+def test_heat_hot_swaps_a_smaller_quant_without_dropping_requests(tmp_path, broker, hub, catalog) -> None:
+    """Near the soft limit: threads go down first, then the fit decision is re-run with a cap and the
+    daemon hot-swaps to the next smaller quant while requests keep being answered."""
+    import shutil
+
+    from tests.support.hardware import FIXTURES
+
+    hw = tmp_path / "hw"
+    shutil.copytree(FIXTURES / "pi5-8gb", hw)
+    cfg = config_for(tmp_path, broker, hub, catalog)
+    cfg.write_text(cfg.read_text() + (
+        f'[hardware]\nsys_root = "{hw / "sys"}"\nproc_root = "{hw / "proc"}"\n'
+        "[adapt]\ndown_dwell_s = 1.0\nhold_s = 600.0\n"
+    ).replace("[telemetry]", "[telemetry]\ninterval_s = 1.0", 1))
+    d = DaemonProcess(config=cfg, workdir=tmp_path).start()
+    c = Client(broker.port)
+    try:
+        assert d.wait_event("model_chosen", timeout=60)["quant"] == "F16"
+        d.wait_event("mqtt_connected", timeout=60)
+        zone = hw / "sys" / "class" / "thermal" / "thermal_zone0" / "temp"
+        zone.write_text("78500\n")  # Pi 5: soft limit 80 °C, so within the 5 °C margin
+        replies = []
+        deadline = time.monotonic() + 60
+        swapped = None
+        while time.monotonic() < deadline and swapped is None:
+            replies.append(c.request("dev1", {"prompt": "hi", "max_tokens": 4}))
+            time.sleep(0.2)
+            swapped = next((e for e in d.events() if e.get("event") == "model_swapped"), None)
+        assert swapped is not None, d.log_text()[-3000:]
+        assert swapped["quant"] == "Q8_0"
+        for reply in replies:
+            body = json.loads(c.collect(reply, timeout=60)[-1].payload)
+            assert body["usage"]["completion_tokens"] == 4
+        assert c.retained("edge/dev1/status", state="online")["quant"] == "Q8_0"
+        adaptations = [e for e in d.events() if e.get("event") == "adaptation"]
+        assert [e["kind"] for e in adaptations][:2] == ["downgrade", "downgrade"]  # threads, then quant
+    finally:
+        c.close()
+        d.stop()
+
