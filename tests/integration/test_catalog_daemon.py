@@ -1,4 +1,5 @@
-"""Given only a catalog name, the daemon measures, chooses, pulls (real huggingface_hub client), verifies, loads, serves."""
+"""Given only a catalog name, the daemon measures, chooses, pulls (real huggingface_hub client), verifies,
+loads and serves."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def catalog(tmp_path: Path) -> Path:
     return path
 
 
-def config_for(tmp_path: Path, broker, fake: FakeHub, catalog: Path, name: str = "tiny",
+def config_for(tmp_path: Path, broker, fake: FakeHub, catalog: Path, *, name: str = "tiny",
                hub_cfg: dict | None = None) -> Path:
     cfg = write_config(
         tmp_path / "agent.toml", port=broker.port, model_file=Path("unused"),
