@@ -104,6 +104,12 @@ class InferenceSettings(Section):
     dedup_window_s: float = Field(
         600.0, ge=0, description="A request id seen again within this window is not served twice."
     )
+    stream_interval_ms: float = Field(
+        30.0,
+        ge=0,
+        description="Streamed text arriving faster than this is sent as one chunk (the first piece always "
+        "goes at once); 0 = one message per token.",
+    )
     shutdown_grace_s: float = Field(
         20.0, ge=0, description="On SIGTERM, how long the running generation may take to finish."
     )

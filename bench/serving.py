@@ -79,14 +79,15 @@ def mqtt_round(client: Client, max_tokens: int) -> dict[str, float]:
             if "error" in body:
                 raise RuntimeError(body["error"])
             n_tok = body["usage"]["completion_tokens"]
+            last = now
             break
         if n == 0:
             first = now
-        last = now
         n += 1
     client.c.unsubscribe(reply)
-    return {"ttft_ms": (first - started) * 1000, "n": n_tok,
-            "tps": (n - 1) / (last - first) if n > 1 and last > first else 0.0}
+    # Tokens, not chunks (fast text is coalesced into fewer chunks), over first chunk -> final reply.
+    return {"ttft_ms": (first - started) * 1000, "n": n_tok, "chunks": n,
+            "tps": (n_tok - 1) / (last - first) if n_tok > 1 and last > first else 0.0}
 
 
 def main() -> int:

@@ -348,16 +348,31 @@ class InferenceService:
         )
         publish = self._link.publish
         topic, corr, rid = job.reply.topic, job.reply.correlation_data, job.request_id
+        interval = self._settings.stream_interval_ms / 1000.0
+        clock = time.perf_counter
         seq = 0
+        last = 0.0
+        held: list[str] = []
 
         def on_text(delta: str) -> None:
-            nonlocal seq
-            publish(topic, chunk_payload(rid, seq, delta), qos=1, correlation_data=corr)
+            # The first piece goes out at once (time to first token); later pieces that arrive faster
+            # than stream_interval_ms are sent together, so a fast model does not spend the CPU it
+            # shares with the broker on one message per token.
+            nonlocal seq, last
+            held.append(delta)
+            now = clock()
+            if seq and now - last < interval:
+                return
+            publish(topic, chunk_payload(rid, seq, "".join(held)), qos=1, correlation_data=corr)
+            held.clear()
             seq += 1
+            last = now
 
         result = self._engine.generate(
             tokens, params, on_text if req.stream else _discard, job.cancel.is_set
         )
+        if held:
+            publish(topic, chunk_payload(rid, seq, "".join(held)), qos=1, correlation_data=corr)
         self._finish_ok(job, result, started)
 
     # -- replies -----------------------------------------------------------------------------------

@@ -65,6 +65,22 @@ def test_stream_chunks_arrive_in_order_and_add_up_to_the_text(start_daemon, clie
     assert all(m.properties.CorrelationData == b"c" for m in msgs)
 
 
+def test_fast_streams_are_combined_and_interval_zero_sends_every_token(start_daemon, client: Client) -> None:
+    """Text faster than stream_interval_ms is sent in fewer chunks; with 0, one chunk per token."""
+    start_daemon(inference={"stream_interval_ms": 0})
+    msgs = client.collect(client.request("dev1", {**CHAT, "max_tokens": 40, "stream": True}))
+    assert len(msgs) - 1 == final(msgs)["usage"]["completion_tokens"] == 40
+
+
+def test_default_stream_interval_combines_fast_tokens(start_daemon, client: Client) -> None:
+    """The tiny model makes thousands of tokens/s: at the default 30 ms far fewer chunks than tokens go out."""
+    start_daemon()
+    msgs = client.collect(client.request("dev1", {**CHAT, "max_tokens": 200, "stream": True}))
+    chunks = [json.loads(m.payload) for m in msgs[:-1]]
+    assert 2 <= len(chunks) < 200
+    assert "".join(c["delta"] for c in chunks) == final(msgs)["text"]
+
+
 def test_plain_prompt_form_is_completed(start_daemon, client: Client) -> None:
     """The 'prompt' form is completed as is."""
     start_daemon()
