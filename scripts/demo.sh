@@ -59,6 +59,10 @@ path = "$MODEL"
 n_ctx = 2048
 [log]
 format = "json"
+[telemetry]
+buffer_dir = "$WORK/state/telemetry"
+[fleet]
+state_dir = "$WORK/state/fleet"
 TOML
 
 echo "==> starting edge-agent (log: $WORK/agent.log)"
