@@ -486,8 +486,11 @@ def _ask(args: argparse.Namespace) -> int:
     if not v5:
         body["reply_to"] = reply
     try:
+        # A message expiry as long as we wait: a device that is down with our request queued in its
+        # session answers 'timeout' when it returns instead of working on a question nobody awaits.
         op.link.publish(f"{op.prefix}/fleet/infer", json.dumps(body).encode(), qos=1,
-                        response_topic=reply if v5 else None, correlation_data=request_id.encode() if v5 else None)
+                        response_topic=reply if v5 else None, correlation_data=request_id.encode() if v5 else None,
+                        message_expiry_s=max(1, int(args.timeout)) if v5 else None)
         deadline = time.monotonic() + args.timeout
         final: dict[str, Any] | None = None
         while final is None:

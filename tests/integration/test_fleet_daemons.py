@@ -215,6 +215,15 @@ def test_fleet_requests_are_shared_and_a_draining_daemon_gets_none(fleet: Fleet)
         client.close()
 
 
+def test_fleet_ask_cli_gets_one_answer_from_some_device(fleet: Fleet) -> None:
+    """`fleet ask` sends to the shared fleet topic; exactly one of the devices answers, and says which."""
+    done = run_fleet_cli("ask", "Hello", "--max-tokens", "3", "--json", "--timeout", "30", config=fleet.operator_config)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["usage"]["completion_tokens"] == 3
+    assert answer["served_by"] in GROUPS
+
+
 def test_a_stopped_daemon_leaves_the_fleet_requests_to_the_others(start_daemon, broker: Broker) -> None:
     """After one of two daemons shuts down cleanly, every fleet request is answered promptly by the other."""
     start_daemon("dev1", inference={"max_queue": 8})

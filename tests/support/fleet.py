@@ -175,20 +175,10 @@ def release_paho_sockets(link: MqttLink) -> None:
 
 
 # The fleet CLI as a subprocess, registered even before agent.commands lists it (tests only).
-_CLI_SHIM = """
-import sys
-import agent.__main__ as entry
-from agent.commands import fleet
-if fleet not in entry.COMMAND_MODULES:
-    entry.COMMAND_MODULES = (*entry.COMMAND_MODULES, fleet)
-sys.exit(entry.main(sys.argv[1:]))
-"""
-
-
 def run_fleet_cli(*args: str, config: Path, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """Run ``edge-agent fleet ARGS --config CONFIG`` in a fresh interpreter and capture its output."""
     return subprocess.run(
-        [sys.executable, "-c", _CLI_SHIM, "fleet", "--config", str(config), *args],
+        [sys.executable, "-m", "agent", "fleet", "--config", str(config), *args],
         capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False,
     )
 
