@@ -156,3 +156,48 @@ def test_heat_hot_swaps_a_smaller_quant_without_dropping_requests(tmp_path, brok
         c.close()
         d.stop()
 
+
+
+def test_set_model_without_room_for_both_closes_first_and_keeps_queued_requests(tmp_path, broker, hub, catalog) -> None:
+    """When the new quant does not fit beside the loaded one, the old model is closed first (drain, swap,
+    resume): queued requests wait and every one is answered."""
+    import re
+    import shutil
+
+    from tests.support.hardware import FIXTURES
+
+    hw = tmp_path / "hw"
+    shutil.copytree(FIXTURES / "pi5-8gb", hw)
+    cfg = config_for(tmp_path, broker, hub, catalog)
+    cfg.write_text(cfg.read_text() + f'[hardware]\nsys_root = "{hw / "sys"}"\nproc_root = "{hw / "proc"}"\n')
+    plan = json.loads(run_cli("plan", "--config", str(cfg), "--model", "tiny", "--json", "--ram-available",
+                              "8GiB").stdout)
+    q8 = next(c["estimate_bytes"] for c in plan["candidates"] if c["quant"] == "Q8_0")
+    d = DaemonProcess(config=cfg, workdir=tmp_path).start()
+    c = Client(broker.port)
+    try:
+        assert d.wait_event("model_chosen", timeout=60)["quant"] == "F16"
+        d.wait_event("mqtt_connected", timeout=60)
+        # The loaded model now takes memory: leave a budget just short of Q8_0 (reserve 64 MiB + margin 32 MiB).
+        meminfo = hw / "proc" / "meminfo"
+        available_kb = (q8 - 2**20 + 96 * 2**20) // 1024
+        meminfo.write_text(re.sub(r"MemAvailable:\s+\d+ kB", f"MemAvailable: {available_kb} kB", meminfo.read_text()))
+        replies = [c.request("dev1", {"prompt": "hi", "max_tokens": 200, "id": f"q{i}"}) for i in range(4)]
+        done = subprocess.run(
+            [sys.executable, "-m", "agent", "fleet", "--config", str(cfg), "cmd", "dev1", "set-model",
+             "--arg", "model=tiny", "--arg", "quant=Q8_0", "--json", "--timeout", "60"],
+            capture_output=True, text=True, cwd=REPO, timeout=120, check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        swapped = d.wait_event("model_swapped", timeout=30)
+        assert swapped["side_by_side"] is False
+        assert swapped["quant"] == "Q8_0"
+        for reply in replies:
+            body = json.loads(c.collect(reply, timeout=60)[-1].payload)
+            assert body["usage"]["completion_tokens"] == 200
+        after = json.loads(c.collect(c.request("dev1", {"prompt": "hi", "max_tokens": 2}))[-1].payload)
+        assert after["usage"]["completion_tokens"] == 2
+        assert c.retained("edge/dev1/status", state="online")["quant"] == "Q8_0"
+    finally:
+        c.close()
+        d.stop()
