@@ -47,7 +47,7 @@ class DaemonControl:
         name = args.get("model") or self._daemon.settings.model.name
         if not name:
             raise ConfigError("model: no catalog model configured; give args.model")
-        plan = self._make_plan(name, args.get("quant"))
+        plan = self.make_plan(name, args.get("quant"))
         self.last_plan = plan.as_dict()
         return self.last_plan
 
@@ -64,14 +64,14 @@ class DaemonControl:
         """Plan (with the current model's memory counted as free), pull, then swap between requests."""
         daemon = self._daemon
         current = daemon.service_or_raise().engine
-        plan = self._make_plan(name, quant, extra_cap_steps=extra_cap_steps, freeing=daemon.model_estimate_bytes)
+        plan = self.make_plan(name, quant, extra_cap_steps=extra_cap_steps, freeing=daemon.model_estimate_bytes)
         chosen = plan.decision.require()
         self.last_plan = plan.as_dict()
         if (name, chosen.quant) == (daemon.model_key, daemon.quant) and current.info is not None:
             return {"model": name, "quant": chosen.quant, "changed": False}
         daemon.emit_event("pull_started", "set_model", {"estimate_bytes": chosen.estimate_bytes})
         try:
-            local = self._planner_or_make().ensure_present(plan)
+            local = self.planner().ensure_present(plan)
         except Exception as exc:
             daemon.emit_event("pull_failed", type(exc).__name__, {})
             raise
@@ -132,8 +132,8 @@ class DaemonControl:
         return {"side_by_side": side_by_side, **numbers}
 
     def pull(self, name: str, quant: str | None) -> dict[str, Any]:
-        plan = self._make_plan(name, quant)
-        local = self._planner_or_make().ensure_present(plan)
+        plan = self.make_plan(name, quant)
+        local = self.planner().ensure_present(plan)
         return {"model": name, "quant": plan.decision.require().quant, **local.model_dump(mode="json")}
 
     def reload(self) -> dict[str, Any]:
@@ -167,16 +167,18 @@ class DaemonControl:
 
     # -- helpers -----------------------------------------------------------------------------------
 
-    def _planner_or_make(self) -> Planner:
+    def planner(self) -> Planner:
+        """The catalog planner, made on first use (a device serving a fixed file never loads the Hub client)."""
         if self._planner is None:
             from agent.catalog.planner import planner_from_settings  # noqa: PLC0415
 
             self._planner = planner_from_settings(self._daemon.settings, os.environ)
         return self._planner
 
-    def _make_plan(
+    def make_plan(
         self, name: str, quant: str | None, *, extra_cap_steps: int = 0, freeing: int | None = None
     ) -> Plan:
+        """The fit decision for ``name`` now; ``freeing`` counts the loaded model's memory as available."""
         from dataclasses import replace  # noqa: PLC0415
 
         conditions: DeviceConditions = self._daemon.conditions()
@@ -186,7 +188,7 @@ class DaemonControl:
             # The live policy's cap already accounts for heat and battery: do not count them twice.
             conditions = replace(conditions, thermal=None, battery=None)
         cfg = self._daemon.settings.model
-        return self._planner_or_make().plan(
+        return self.planner().plan(
             name,
             conditions,
             n_ctx=cfg.n_ctx if "n_ctx" in cfg.model_fields_set else None,

@@ -338,7 +338,7 @@ class Daemon:
         if not model.name:
             raise ConfigError("set [model] path (a local GGUF file) or [model] name (a catalog entry)")
         self._notifier.status(f"planning {model.name}")
-        plan = self.control._make_plan(model.name, model.quant)
+        plan = self.control.make_plan(model.name, model.quant)
         chosen = plan.decision.require()
         log.info("model_chosen", model=model.name, quant=chosen.quant, file=chosen.file,
                  estimate_bytes=chosen.estimate_bytes, budget_bytes=plan.decision.budget_bytes,
@@ -357,7 +357,7 @@ class Daemon:
                 if extend is not None:
                     extend(60.0)
 
-        local = self.control._planner_or_make().ensure_present(plan, progress=progress)
+        local = self.control.planner().ensure_present(plan, progress=progress)
         self.quant, self.model_key, self.model_estimate_bytes = chosen.quant, model.name, chosen.estimate_bytes
         return local.path, plan.n_ctx
 
