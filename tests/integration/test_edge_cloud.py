@@ -191,7 +191,9 @@ def daemons(tmp_path: Path, tiny_models: dict[str, Path]) -> Iterator[Callable[.
     started: list[DaemonProcess] = []
 
     def _start(device_id: str, port: int, *, model: str = "Q8_0", top: dict[str, Any] | None = None,
-               **sections: dict[str, Any]) -> DaemonProcess:  # fmt: skip
+               threads: int | None = None, **sections: dict[str, Any]) -> DaemonProcess:  # fmt: skip
+        if threads is not None:
+            sections = {**sections, "model": {"threads": threads}}
         config = write_config(tmp_path / f"{device_id}.toml", port=port, model_file=tiny_models[model],
                               device_id=device_id, top=top, **sections)  # fmt: skip
         d = DaemonProcess(config=config, workdir=tmp_path).start()
@@ -223,7 +225,10 @@ def edge_config(hw: Path | None, *, cloud_port: int | None = None, **sections: d
 def start_cloud_worker(daemons: Callable[..., DaemonProcess], cloud: Broker, watchers: Callable[..., Watcher],
                        *, model: str = "Q8_0") -> DaemonProcess:  # fmt: skip
     """A cloud worker on the cloud broker, proven subscribed by one request answered on the cloud infer topic."""
-    worker = daemons("cloud1", cloud.port, model=model, top={"role": "cloud"}, inference={"max_queue": 64})
+    # One llama.cpp thread: beside an edge daemon on two cores, two spinning threads each starve both
+    # (4.8 tokens/s seen in CI, and a relayed request timed out).
+    worker = daemons("cloud1", cloud.port, model=model, top={"role": "cloud"}, inference={"max_queue": 64},
+                     threads=1)
     probe = watchers(cloud.port)
     final = probe.wait_final(probe.request(CLOUD_INFER, {**CHAT, "max_tokens": 2}), timeout=30)
     assert final["served_by"] == "cloud"
@@ -350,6 +355,7 @@ def test_flood_beyond_the_queue_is_shared_with_the_cloud_and_every_request_answe
         "dev1", edge_broker.port, model="slow",
         **edge_config(board("pi5-8gb"), cloud_port=cloud_broker.port, inference={"max_queue": 2},
                       cloud={"offload_queue_high": 2, "offload_queue_low": 1}),
+        threads=1,
     )  # fmt: skip
     edge.wait_event("relay_connected", timeout=10)
     time.sleep(0.3)  # the relay's reply subscription is acknowledged right after the connect

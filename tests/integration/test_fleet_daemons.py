@@ -226,8 +226,8 @@ def test_fleet_ask_cli_gets_one_answer_from_some_device(fleet: Fleet) -> None:
 
 def test_a_stopped_daemon_leaves_the_fleet_requests_to_the_others(start_daemon, broker: Broker) -> None:
     """After one of two daemons shuts down cleanly, every fleet request is answered promptly by the other."""
-    start_daemon("dev1", inference={"max_queue": 8})
-    leaving = start_daemon("dev2", inference={"max_queue": 8})
+    start_daemon("dev1", model_cfg={"threads": 1}, inference={"max_queue": 8})
+    leaving = start_daemon("dev2", model_cfg={"threads": 1}, inference={"max_queue": 8})
     client = Client(broker.port)
     try:
         for device in ("dev1", "dev2"):
