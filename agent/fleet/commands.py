@@ -38,7 +38,7 @@ from agent.fleet.signing import (
 )
 from agent.settings import Settings
 from agent.settings_base import validate_topic_level
-from agent.transport.mqtt import Incoming
+from agent.transport.mqtt import Incoming, Publish
 from agent.transport.topics import is_concrete_topic
 
 if TYPE_CHECKING:  # cryptography loads only when a fleet key is configured (~7 MB RSS)
@@ -375,22 +375,6 @@ class DeviceControl(Protocol):
     def apply_settings(self, new: Settings, changed_keys: list[str]) -> dict[str, Any]:
         """Apply what can be applied live; return ``{"applied": [...], "restart_required": [...]}``."""
         ...
-
-
-class Publish(Protocol):
-    """Same shape as :meth:`agent.transport.mqtt.MqttLink.publish`."""
-
-    def __call__(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        correlation_data: bytes | None = None,
-        response_topic: str | None = None,
-        message_expiry_s: int | None = None,
-    ) -> None: ...
 
 
 # -- the dispatcher --------------------------------------------------------------------------------

@@ -58,13 +58,10 @@ class Disconnected:
 LinkEvent = Incoming | Connected | Disconnected
 
 
-class Link(Protocol):
-    """What services need from a broker connection (an MqttLink, or the failover pair)."""
+class Publish(Protocol):
+    """The shape of :meth:`MqttLink.publish`, for code that is only handed the publish function."""
 
-    @property
-    def connected(self) -> bool: ...
-
-    def publish(
+    def __call__(
         self,
         topic: str,
         payload: bytes,
@@ -75,6 +72,16 @@ class Link(Protocol):
         response_topic: str | None = None,
         message_expiry_s: int | None = None,
     ) -> None: ...
+
+
+class Link(Protocol):
+    """What services need from a broker connection (an MqttLink, or the failover pair)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def publish(self) -> Publish: ...
 
     def ack(self, message: Incoming) -> None: ...
 
