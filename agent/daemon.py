@@ -37,7 +37,7 @@ from agent.services.inference import InferenceService, ReplyAddress
 from agent.services.offload import CloudRelay, OffloadFlags, expected_wait_ms, should_offload
 from agent.services.telemetry import Event, Mode, RuntimeView, build_telemetry, event_from_action
 from agent.services.telemetry_buffer import TelemetryBuffer
-from agent.settings import Settings
+from agent.settings import Settings, fleet_overrides_path
 from agent.transport.failover import FailoverLink
 from agent.transport.mqtt import Connected, Disconnected, Incoming, LinkEvent, MqttLink
 from agent.transport.topics import DeviceTopics
@@ -194,7 +194,9 @@ class Daemon:
             self._relay = CloudRelay(settings.cloud, prefix=self._prefix, device_id=settings.device_id)
             service.router = self._route
         fleet_state = _writable_dir(settings.fleet.state_dir, "fleet") or settings.fleet.state_dir
-        self._fleet = FleetService(settings, self.control, link.publish, self._config_path, fleet_state, ack=link.ack)
+        # config-set persists where load_config reads it, even when the journals fell back elsewhere.
+        self._fleet = FleetService(settings, self.control, link.publish, self._config_path, fleet_state, ack=link.ack,
+                                   overrides_path=fleet_overrides_path(settings))
         link.subscribe([(self._topics.infer, 1), (self._topics.infer_cancel, 1), *self._fleet.subscriptions()])
         link.subscribe([(self.fleet_infer, 1)])
         if self.cloud_infer:

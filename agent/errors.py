@@ -21,6 +21,20 @@ class ConfigError(AgentError, ValueError):
     code = "bad_config"
 
 
+class PermissionDeniedError(AgentError, PermissionError):
+    """A file or directory the agent must read or write is not accessible to this user.
+
+    The message names the path and the fix (which group to join, which user to run as); ``path`` is
+    the file that was refused. Not a wire error code: it stops a command or the daemon's start.
+    """
+
+    code = "permission_denied"
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 class BadRequestError(AgentError, ValueError):
     """A request payload is malformed or asks for something impossible."""
 

@@ -1,25 +1,32 @@
-"""Configuration: typed sections, loaded once from a TOML file plus ``EDGE_AGENT_*`` environment overrides.
+"""Configuration: typed sections, loaded once from layers, each value traceable to the layer it came from.
 
-Settings are data plus one load step (:func:`load_settings`); nothing reads the environment at import
-time, so tests build a :class:`Settings` directly and pass it in. Every field has a description: the
-same text documents the file (``docs/configuration.md``) and ``edge-agent config check``.
+Layers, lowest first: defaults < the provisioned file (``/etc/edge-agent/agent.toml``, owned by
+provisioning, never written by the service) < fleet overrides (``<fleet.state_dir>/config-overrides.toml``,
+written by the fleet ``config-set`` command) < ``EDGE_AGENT_*`` environment variables.
+:func:`load_config` returns the settings with every leaf key's source; :func:`load_settings` only the
+settings. Nothing reads the environment at import time, so tests build a :class:`Settings` directly
+and pass it in. Every field has a description: the same text documents the file
+(``docs/configuration.md``) and ``edge-agent config check``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 
 from agent.adapt.settings import AdaptSettings
-from agent.errors import ConfigError
+from agent.errors import ConfigError, PermissionDeniedError
 from agent.fleet.settings import FleetSettings
+from agent.permissions import denied, is_denied
 from agent.services.cloud_settings import CloudSettings
 from agent.services.telemetry import TelemetrySettings
 from agent.settings_base import Section, validate_topic_level
@@ -189,8 +196,14 @@ class Settings(Section):
         return value
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    """Render pydantic errors as one line per key path, the way an operator reads a config file."""
+def format_validation_error(
+    exc: ValidationError, source: str, origin: Callable[[tuple[str, ...]], str | None] | None = None
+) -> str:
+    """Render pydantic errors as one line per key path, the way an operator reads a config file.
+
+    ``origin`` names the layer a key came from; lines for keys set by another layer than ``source``
+    (a fleet override, an environment variable) end with ``[that layer]``.
+    """
     lines = [f"invalid configuration in {source}:"]
     for err in exc.errors():
         path = ".".join(str(p) for p in err["loc"]) or "(top level)"
@@ -199,33 +212,233 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
             msg = "unknown key"
         got = err.get("input")
         detail = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
-        lines.append(f"  {path}: {msg}{detail}")
+        label = origin(tuple(str(p) for p in err["loc"])) if origin is not None else None
+        where = f" [{label}]" if label and label != f"file:{source}" else ""
+        lines.append(f"  {path}: {msg}{detail}{where}")
     return "\n".join(lines)
 
 
-def load_settings(path: Path | None = None, *, required: bool = False, **overrides: Any) -> Settings:
-    """Read the TOML file (if present), apply ``EDGE_AGENT_*`` overrides, validate.
+# -- layers ------------------------------------------------------------------------------------------
 
-    Raises :class:`ConfigError` naming each bad key path. A missing file is an error only when
-    ``required`` (the operator named it explicitly).
+OVERRIDES_FILE_NAME = "config-overrides.toml"
+"""The fleet override layer's file name inside ``[fleet] state_dir`` (written by fleet ``config-set``)."""
+
+LayerState = Literal["read", "missing", "unreadable"]
+
+
+@dataclass(frozen=True, slots=True)
+class LayerInfo:
+    """One configuration layer as loaded: which file (or the environment) and whether it could be read."""
+
+    kind: Literal["file", "fleet-override", "env"]
+    where: str
+    state: LayerState
+    detail: str | None = None
+    """Why an unreadable layer was skipped (one line with the fix)."""
+    keys: tuple[str, ...] = ()
+    """Dotted keys this layer sets."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    """Effective settings plus where each value came from (``edge-agent config check`` prints both)."""
+
+    settings: Settings
+    config_path: Path
+    overrides_path: Path
+    layers: tuple[LayerInfo, ...]
+    sources: Mapping[str, str]
+    """Every leaf key (dotted) → ``default``, ``file:PATH``, ``fleet-override:PATH`` or ``env:VARIABLE``."""
+    overrides: Mapping[str, Any]
+    """The fleet override document as read (empty when missing or unreadable)."""
+
+    def layer(self, kind: str) -> LayerInfo:
+        return next(layer for layer in self.layers if layer.kind == kind)
+
+
+def read_toml(path: Path, what: str = "config file") -> dict[str, Any] | None:
+    """The file as TOML data, or None when it does not exist.
+
+    Raises :class:`ConfigError` for a syntax error and :class:`PermissionDeniedError` (one line with
+    the fix) when this user may not read it.
     """
-    config_path = path or DEFAULT_CONFIG_PATH
-    data: dict[str, Any] = {}
-    if config_path.exists():
-        try:
-            data = tomllib.loads(config_path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"invalid TOML in {config_path}: {exc}") from exc
-        except OSError as exc:
-            raise ConfigError(f"cannot read {config_path}: {exc.strerror}") from exc
-    elif required:
-        raise ConfigError(f"config file not found: {config_path}")
-    _deep_merge(data, overrides)
-    _deep_merge(data, env_overrides(os.environ))
     try:
-        return Settings(**data)
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if is_denied(exc):
+            raise denied(path, "read", exc) from exc
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text: {exc}") from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML in {what} {path}: {exc}") from exc
+
+
+def overrides_path_for(document: Mapping[str, Any], env: Mapping[str, Any]) -> Path:
+    """``<fleet.state_dir>/config-overrides.toml``, the state dir taken from the environment, else the file."""
+    for layer in (env, document):
+        fleet = layer.get("fleet")
+        if isinstance(fleet, Mapping) and isinstance(fleet.get("state_dir"), str | Path):
+            return Path(fleet["state_dir"]) / OVERRIDES_FILE_NAME
+    default = FleetSettings.model_fields["state_dir"].default
+    return Path(default) / OVERRIDES_FILE_NAME
+
+
+def fleet_overrides_path(settings: Settings) -> Path:
+    """Where this configuration's fleet override layer lives (``fleet.state_dir`` is never an override)."""
+    return settings.fleet.state_dir / OVERRIDES_FILE_NAME
+
+
+def check_override_document(document: Mapping[str, Any], path: Path) -> None:
+    """The override layer may not move itself: ``fleet.state_dir`` belongs in the provisioned file."""
+    fleet = document.get("fleet")
+    if isinstance(fleet, Mapping) and "state_dir" in fleet:
+        raise ConfigError(
+            f"fleet.state_dir cannot be a fleet override ({path}): it locates the override layer itself; "
+            "set it in the provisioned config file"
+        )
+
+
+def layered_settings(
+    file_doc: Mapping[str, Any],
+    override_doc: Mapping[str, Any],
+    environ: Mapping[str, str],
+    *,
+    config_path: Path,
+    overrides_path: Path,
+    schema: type[Settings] = Settings,
+) -> tuple[Settings, dict[str, str]]:
+    """Merge defaults < file < fleet overrides < ``EDGE_AGENT_*``, validate, and name each leaf key's source.
+
+    Raises :class:`ConfigError` with one line per bad key path, marked with its layer when that is
+    not the file.
+    """
+    env_doc, env_names = _env_layer(environ)
+    labelled: list[tuple[Mapping[str, Any], Callable[[tuple[str, ...]], str]]] = [
+        (file_doc, lambda _: f"file:{config_path}"),
+        (override_doc, lambda _: f"fleet-override:{overrides_path}"),
+        (env_doc, lambda key: f"env:{_env_name(env_names, key)}"),
+    ]
+
+    def origin(key: tuple[str, ...]) -> str | None:
+        for doc, label in reversed(labelled):
+            found = _set_at(doc, key)
+            if found is not None:
+                return str(label(found))
+        return None
+
+    data: dict[str, Any] = {}
+    for doc, _ in labelled:
+        _deep_merge(data, copy.deepcopy(dict(doc)))
+    try:
+        settings = schema(**data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(config_path))) from exc
+        raise ConfigError(format_validation_error(exc, str(config_path), origin)) from exc
+    sources = {".".join(key): origin(key) or "default" for key in leaf_keys(schema)}
+    return settings, sources
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    required: bool = False,
+    environ: Mapping[str, str] | None = None,
+    strict_overrides: bool = False,
+) -> LoadedConfig:
+    """Load every layer: defaults < the provisioned file < fleet overrides < ``EDGE_AGENT_*`` variables.
+
+    A missing file is an error only when ``required`` (the operator named it). A missing override
+    file is an empty layer. An override file this user may not read (an operator outside the service's
+    0700 state directory) is skipped and reported in :attr:`LoadedConfig.layers`, unless
+    ``strict_overrides`` (the daemon), where it raises :class:`PermissionDeniedError`. A corrupt
+    override file is a :class:`ConfigError` naming it, always.
+    """
+    env = os.environ if environ is None else environ
+    config_path = path or DEFAULT_CONFIG_PATH
+    file_doc = read_toml(config_path)
+    if file_doc is None and required:
+        raise ConfigError(f"config file not found: {config_path}")
+    env_doc, _ = _env_layer(env)
+    overrides_path = overrides_path_for(file_doc or {}, env_doc)
+    override_doc: dict[str, Any] = {}
+    override_state: LayerState = "missing"
+    detail: str | None = None
+    try:
+        read = read_toml(overrides_path, "fleet override file")
+    except PermissionDeniedError as exc:
+        if strict_overrides:
+            raise
+        override_state, detail = "unreadable", str(exc)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (fix it, or clear the layer: edge-agent config reset-overrides)") from exc
+    else:
+        if read is not None:
+            override_doc, override_state = read, "read"
+    check_override_document(override_doc, overrides_path)
+    settings, sources = layered_settings(
+        file_doc or {}, override_doc, env, config_path=config_path, overrides_path=overrides_path
+    )
+    layers = (
+        LayerInfo("file", str(config_path), "read" if file_doc is not None else "missing", keys=_dotted(file_doc)),
+        LayerInfo("fleet-override", str(overrides_path), override_state, detail, keys=_dotted(override_doc)),
+        LayerInfo("env", f"{ENV_PREFIX}*", "read" if env_doc else "missing", keys=_dotted(env_doc)),
+    )
+    return LoadedConfig(settings, config_path, overrides_path, layers, sources, override_doc)
+
+
+def load_settings(path: Path | None = None, *, required: bool = False) -> Settings:
+    """The effective settings of :func:`load_config` (what one-shot commands need).
+
+    Raises :class:`ConfigError` naming each bad key path, :class:`PermissionDeniedError` when the
+    config file is not readable by this user.
+    """
+    return load_config(path, required=required).settings
+
+
+def leaf_keys(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """Every leaf field of a settings model as a key path (sections are walked, not reported)."""
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from leaf_keys(ann, (*prefix, name))
+        else:
+            yield (*prefix, name)
+
+
+def leaf_paths(document: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """Key paths of the values a TOML document sets (tables are walked)."""
+    for key, value in document.items():
+        if isinstance(value, Mapping):
+            yield from leaf_paths(value, (*prefix, key))
+        else:
+            yield (*prefix, key)
+
+
+def _dotted(document: Mapping[str, Any] | None) -> tuple[str, ...]:
+    return tuple(".".join(key) for key in leaf_paths(document or {}))
+
+
+def _set_at(document: Mapping[str, Any], key: tuple[str, ...]) -> tuple[str, ...] | None:
+    """Where ``document`` sets ``key``: the key itself, a value above it (``groups`` for ``groups.0``), or None."""
+    node: Any = document
+    for i, part in enumerate(key):
+        if not isinstance(node, Mapping):
+            return key[:i]
+        if part not in node:
+            return None
+        node = node[part]
+    return key
+
+
+def _env_name(names: Mapping[tuple[str, ...], str], key: tuple[str, ...]) -> str:
+    for end in range(len(key), 0, -1):
+        if key[:end] in names:
+            return names[key[:end]]
+    return f"{ENV_PREFIX}{'__'.join(key).upper()}"
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -234,7 +447,13 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     Done by hand rather than with pydantic-settings: that package costs the resident daemon ~7 MB of
     RSS (measured), and this is all of it we need.
     """
+    return _env_layer(environ)[0]
+
+
+def _env_layer(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """The environment layer's data, and which variable set each key path."""
     out: dict[str, Any] = {}
+    names: dict[tuple[str, ...], str] = {}
     for name, raw in environ.items():
         if not name.upper().startswith(ENV_PREFIX) or len(name) == len(ENV_PREFIX):
             continue
@@ -252,7 +471,8 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
                 break
         else:
             node[path[-1]] = value
-    return out
+            names[tuple(path)] = name
+    return out, names
 
 
 def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> None:

@@ -22,7 +22,28 @@ HEADER = """# Configuration
 `EDGE_AGENT_<SECTION>__<KEY>` (top-level keys: `EDGE_AGENT_<KEY>`), which wins over the file, e.g.
 `EDGE_AGENT_MQTT__PORT=1884`. Unknown keys and bad values stop the agent at start with the key's path;
 `edge-agent config check [--config PATH]` validates a file and prints the effective configuration with
-secrets redacted. Secrets are best given as systemd credentials (see docs/deploy.md).
+each value's source and secrets redacted. Secrets are best given as systemd credentials (see docs/deploy.md).
+
+## Layers and sources
+
+Each value comes from the highest of four layers:
+
+| layer (lowest first) | where | written by |
+|---|---|---|
+| `default` | the tables below | the code |
+| `file:PATH` | `/etc/edge-agent/agent.toml` (`root:edge-agent` 0640) | provisioning (never the service) |
+| `fleet-override:PATH` | `<fleet.state_dir>/config-overrides.toml` (the service user's, 0600) | fleet `config-set` |
+| `env:EDGE_AGENT_...` | the service's environment (unit `Environment=`, drop-ins) | the unit, an operator |
+
+With the default `fleet.state_dir` the override file is `/var/lib/edge-agent/fleet/config-overrides.toml`.
+Fleet overrides win over the file and **survive reprovisioning**: a value changed over the fleet stays
+changed until it is removed (`config-set` with `value: null`) or the whole layer is cleared with
+`edge-agent config reset-overrides --config /etc/edge-agent/agent.toml` (as root or the service user; it
+prints what it removed, exits 0 either way, and a running agent keeps the values until it restarts).
+`fleet.state_dir` cannot be an override (it locates the layer). `edge-agent config check` names every
+value's layer (`--json`: `config`, `sources`, `layers`); run by an operator who cannot read the service's
+state directory it says, in its header, that the override layer was not read and why. A corrupt override
+file stops the daemon at start (exit 78) with an error naming the file.
 
 This page is generated from the code (`python -m agent.settings_doc`).
 """

@@ -25,7 +25,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.errors import AgentError, BadRequestError, ConfigError
-from agent.fleet.config_edit import UNSET, atomic_write, edit_config, get_value
+from agent.fleet.config_edit import UNSET, atomic_write, edit_overrides, get_value, read_document
 from agent.fleet.settings import FleetSettings
 from agent.fleet.signing import (
     BadSignatureError,
@@ -36,7 +36,7 @@ from agent.fleet.signing import (
     sign_payload,
     verify_payload,
 )
-from agent.settings import Settings
+from agent.settings import DEFAULT_CONFIG_PATH, OVERRIDES_FILE_NAME, Settings, layered_settings
 from agent.settings_base import validate_topic_level
 from agent.transport.mqtt import Incoming, Publish
 from agent.transport.topics import is_concrete_topic
@@ -129,7 +129,9 @@ class ConfigGetArgs(_Wire):
 
 class ConfigSetArgs(_Wire):
     key: str | None = Field(None, description="Dotted key to set.")
-    value: Any = Field(None, description="New value (JSON-typed); null removes the key from the file.")
+    value: Any = Field(
+        None, description="New value (JSON-typed); null removes the key from the fleet override layer."
+    )
     values: dict[str, Any] | None = Field(None, description="Several dotted keys at once.")
 
     @model_validator(mode="after")
@@ -419,14 +421,19 @@ class FleetService:
         *,
         ack: Callable[[Incoming], None] | None = None,
         clock: Callable[[], float] = time.time,
+        overrides_path: Path | None = None,
     ) -> None:
+        """``config_path`` is the provisioned file (read only; default /etc/edge-agent/agent.toml);
+        ``config-set`` persists into ``overrides_path`` (default ``state_dir/config-overrides.toml``)."""
         fleet: FleetSettings = settings.fleet
         self._settings = settings
         self._fleet = fleet
         self._control = control
         self._publish = publish
         self._ack = ack
-        self._config_path = config_path
+        self._config_path = config_path or DEFAULT_CONFIG_PATH
+        self._overrides_path = overrides_path or state_dir / OVERRIDES_FILE_NAME
+        self._sources: dict[str, str] | None = None
         self._clock = clock
         self.topics = FleetTopics(settings.mqtt.topic_prefix, settings.device_id,
                                   tuple(settings.groups))
@@ -666,17 +673,51 @@ class FleetService:
         return status
 
     def _config_get(self, args: ConfigGetArgs) -> dict[str, Any]:
-        return {"key": args.key, "value": get_value(self._settings, args.key)}
+        value = get_value(self._settings, args.key)
+        out: dict[str, Any] = {"key": args.key, "value": value}
+        sources = self._current_sources()
+        if args.key in sources:
+            out["source"] = sources[args.key]
+        elif sources:
+            prefix = f"{args.key}." if args.key else ""
+            out["sources"] = {k: v for k, v in sources.items() if k.startswith(prefix)}
+        return out
+
+    def _current_sources(self) -> dict[str, str]:
+        """Each key's layer, read once from disk (best effort: a layer unreadable now just leaves them out)."""
+        if self._sources is None:
+            try:
+                _, self._sources = layered_settings(
+                    read_document(self._config_path),
+                    read_document(self._overrides_path, "fleet override file"),
+                    os.environ,
+                    config_path=self._config_path,
+                    overrides_path=self._overrides_path,
+                    schema=type(self._settings),
+                )
+            except AgentError as exc:
+                log.warning("config_sources_unavailable", error=str(exc))
+                self._sources = {}
+        return self._sources
 
     def _config_set(self, args: ConfigSetArgs) -> dict[str, Any]:
-        if self._config_path is None:
-            raise ConfigError("this device runs without a config file; config-set has nowhere to persist")
-        change = edit_config(self._config_path, args.changes(), current=self._settings)
+        changes = args.changes()
+        change = edit_overrides(self._overrides_path, changes, current=self._settings, config_path=self._config_path)
         applied: dict[str, Any] = {"applied": [], "restart_required": []}
         if change.changed_keys:
             applied = dict(self._control.apply_settings(change.settings, change.changed_keys))
         self._settings = change.settings
-        return {"persisted": str(change.path), "changed": change.changed_keys, **applied}
+        self._sources = change.sources
+        result: dict[str, Any] = {
+            "persisted": str(change.path),
+            "layer": "fleet-override",
+            "changed": change.changed_keys,
+            **applied,
+            "sources": {k: change.sources[k] for k in changes if k in change.sources},
+        }
+        if change.shadowed:
+            result["shadowed_by_env"] = change.shadowed
+        return result
 
 
 # -- operator side -----------------------------------------------------------------------------------

@@ -1,10 +1,14 @@
-"""``config-set``: change dotted keys in the TOML config, validated by the same schema, persisted atomically.
+"""``config-set``: change dotted keys in the fleet override layer, validated by the same schema, persisted atomically.
 
-The file's own contents are edited (not the effective settings), so defaults and ``EDGE_AGENT_*``
-overrides are never written into it. The edited document is validated with the settings model before
-anything touches the disk; a bad value is refused with its key path and the file stays as it was.
-The file is rewritten from data: comments and layout are not preserved (a round trip through
-``tomllib`` is checked before the rename, so the new file always parses to what was validated).
+The service never writes the provisioned file (``/etc/edge-agent/agent.toml`` is read-only under the
+unit's ``ProtectSystem=strict`` and belongs to provisioning). A fleet change goes to the override
+layer, ``<fleet.state_dir>/config-overrides.toml`` in the service's state, which wins over the file
+and loses to ``EDGE_AGENT_*`` variables (see :func:`agent.settings.load_config`). Only the layer's
+own contents are edited (never defaults, file values or environment values). The merged result is
+validated with the settings model before anything touches the disk; a bad value is refused with its
+key path and the layer stays as it was. The layer is rewritten from data (a round trip through
+``tomllib`` is checked before the rename, so the new file always parses to what was validated);
+removing its last key deletes the file.
 """
 
 from __future__ import annotations
@@ -17,26 +21,38 @@ import os
 import tempfile
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from agent.errors import ConfigError
-from agent.settings import Settings, env_overrides, format_validation_error, redacted_dict
+from agent.errors import AgentError, ConfigError
+from agent.permissions import denied, is_denied
+from agent.settings import (
+    DEFAULT_CONFIG_PATH,
+    Settings,
+    check_override_document,
+    layered_settings,
+    read_toml,
+    redacted_dict,
+)
 
 UNSET = object()
-"""Pass as a value to remove the key from the file (it falls back to its default)."""
+"""Pass as a value to remove the key from the override layer (the file's value or the default applies again)."""
 
 
 @dataclass(frozen=True, slots=True)
 class ConfigChange:
-    """The outcome of a persisted edit: the new effective settings and which dotted keys changed."""
+    """The outcome of a persisted edit: the new effective settings, which dotted keys changed, and where it went."""
 
     settings: Settings
     changed_keys: list[str]
     path: Path
+    sources: dict[str, str] = field(default_factory=dict)
+    """Every leaf key's source after the edit (see :func:`agent.settings.load_config`)."""
+    shadowed: list[str] = field(default_factory=list)
+    """Edited keys that an ``EDGE_AGENT_*`` variable still overrides (the edit has no effect until it goes)."""
 
 
 def split_key(key: str) -> list[str]:
@@ -47,16 +63,9 @@ def split_key(key: str) -> list[str]:
     return parts
 
 
-def read_document(path: Path) -> dict[str, Any]:
+def read_document(path: Path, what: str = "config file") -> dict[str, Any]:
     """The file as TOML data; a missing file is an empty document."""
-    if not path.exists():
-        return {}
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"invalid TOML in {path}: {exc}") from exc
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    return read_toml(path, what) or {}
 
 
 def apply_to_document(document: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -77,16 +86,6 @@ def apply_to_document(document: Mapping[str, Any], changes: Mapping[str, Any]) -
     return out
 
 
-def validate_document(document: Mapping[str, Any], schema: type[Settings], source: str) -> Settings:
-    """Validate like :func:`agent.settings.load_settings` does (``EDGE_AGENT_*`` overrides on top), naming key paths."""
-    effective = copy.deepcopy(dict(document))
-    _merge(effective, env_overrides(os.environ))
-    try:
-        return schema(**effective)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source)) from exc
-
-
 def changed_keys(old: BaseModel, new: BaseModel, prefix: str = "") -> list[str]:
     """Dotted paths of leaf fields whose values differ between two settings objects."""
     out: list[str] = []
@@ -100,23 +99,66 @@ def changed_keys(old: BaseModel, new: BaseModel, prefix: str = "") -> list[str]:
     return out
 
 
-def edit_config(
-    path: Path, changes: Mapping[str, Any], *, current: Settings, schema: type[Settings] | None = None
+def edit_overrides(
+    overrides_path: Path,
+    changes: Mapping[str, Any],
+    *,
+    current: Settings,
+    config_path: Path | None = None,
+    schema: type[Settings] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> ConfigChange:
-    """Validate ``changes`` against the schema, then atomically rewrite ``path``; raises ConfigError otherwise."""
+    """Validate ``changes`` merged over the file, then atomically rewrite the override layer; ConfigError otherwise.
+
+    ``config_path`` is the provisioned file (read, never written; default /etc/edge-agent/agent.toml).
+    """
     if not changes:
         raise ConfigError("config-set needs at least one key")
     model = schema or type(current)
+    file_path = config_path or DEFAULT_CONFIG_PATH
+    env = os.environ if environ is None else environ
+    for key in changes:
+        _check_sections(split_key(key), model)
+        if split_key(key)[:2] == ["fleet", "state_dir"]:
+            raise ConfigError(
+                "fleet.state_dir cannot be set by config-set: it locates the override layer itself; "
+                f"change it in {file_path}"
+            )
+    old = read_document(overrides_path, "fleet override file")
+    check_override_document(old, overrides_path)
     # Validate exactly what will be written: TOML has no null, so None-valued keys are dropped first.
-    document = _comparable(apply_to_document(read_document(path), changes))
-    new = validate_document(document, model, f"config-set for {path}")
+    document = _pruned(_comparable(apply_to_document(old, changes)))
+    new, sources = layered_settings(
+        read_document(file_path), document, env, config_path=file_path, overrides_path=overrides_path, schema=model
+    )
     text = render_toml(document)
     if tomllib.loads(text) != document:
         # Defensive: never write a file that would read back differently from what was validated.
         raise ConfigError(f"cannot represent the new configuration as TOML: {sorted(changes)}")
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o640
-    atomic_write(path, text.encode("utf-8"), mode=mode)
-    return ConfigChange(settings=new, changed_keys=changed_keys(current, new), path=path)
+    try:
+        if document:
+            atomic_write(overrides_path, text.encode("utf-8"), mode=0o600)
+        else:
+            remove_durably(overrides_path)
+    except OSError as exc:
+        if is_denied(exc):
+            raise denied(overrides_path, "write", exc) from exc
+        raise AgentError(f"cannot write {overrides_path}: {exc.strerror or exc}") from exc
+    shadowed = [key for key in changes if sources.get(key, "").startswith("env:")]
+    return ConfigChange(settings=new, changed_keys=changed_keys(current, new), path=overrides_path,
+                        sources=sources, shadowed=shadowed)
+
+
+def _check_sections(parts: list[str], model: type[BaseModel]) -> None:
+    """Refuse ``device_id.x``: every part but the last must name a section of the schema."""
+    current: Any = model
+    for i, part in enumerate(parts[:-1]):
+        info = getattr(current, "model_fields", {}).get(part)
+        if info is None:
+            return  # an unknown key: validation names it
+        current = info.annotation
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, not a section; cannot set {'.'.join(parts)}")
 
 
 def get_value(settings: Settings, key: str | None) -> Any:
@@ -151,7 +193,21 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def remove_durably(path: Path) -> bool:
+    """Delete ``path`` and fsync its directory; False when there was nothing to delete."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    _fsync_dir(path.parent)
+    return True
+
+
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -204,12 +260,14 @@ def _value(value: Any) -> str:
     raise ConfigError(f"cannot write a {type(value).__name__} value to the config file")
 
 
-def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> None:
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
+def _pruned(document: dict[str, Any]) -> dict[str, Any]:
+    """Drop tables left empty by removed keys (an empty ``[inference]`` says nothing)."""
+    out: dict[str, Any] = {}
+    for key, value in document.items():
+        kept = _pruned(value) if isinstance(value, dict) else value
+        if kept != {}:
+            out[key] = kept
+    return out
 
 
 def _comparable(value: Any) -> Any:

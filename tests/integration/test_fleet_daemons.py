@@ -24,6 +24,7 @@ import pytest
 from agent.commands.fleet import CommandRun, Operator
 from agent.fleet.commands import build_command, parse_target
 from agent.fleet.signing import load_private_key
+from agent.settings import OVERRIDES_FILE_NAME
 from tests.support.broker import Broker
 from tests.support.daemon import Client, DaemonProcess, write_config
 from tests.support.fake_hub import FakeHub
@@ -253,9 +254,12 @@ def command(op: Operator, device: str, name: str, args: dict[str, Any] | None = 
 
 
 def test_config_set_validates_persists_and_survives_a_restart_command(start_daemon, broker: Broker) -> None:
-    """A bad value is refused naming its key path; a good one is live, in the file, and still there after
-    `restart` (result first, then exit 75) and a new start; the restart id is not run again afterwards."""
+    """A bad value is refused naming its key path; a good one is live, in the fleet override layer (the
+    provisioned file untouched), and still there after `restart` (result first, then exit 75) and a new
+    start; the restart id is not run again afterwards."""
     daemon = start_daemon("dev1", inference={"max_queue": 4})
+    daemon.wait_event("agent_started", timeout=60)  # fleet topics are subscribed once the model is loaded
+    provisioned = daemon.config.read_text()
     with operator_on(broker.port) as op:
         bad = command(op, "dev1", "config-set", {"key": "inference.max_queue", "value": -1})
         typo = command(op, "dev1", "config-set", {"key": "inference.max_qeue", "value": 3})
@@ -269,18 +273,22 @@ def test_config_set_validates_persists_and_survives_a_restart_command(start_daem
     assert "inference.max_qeue" in typo["error"]["message"]
     assert good["ok"], good
     assert good["result"]["applied"] == ["inference.max_queue"]
-    assert tomllib.loads(daemon.config.read_text())["inference"]["max_queue"] == 7
+    layer = daemon.config.parent / "state-dev1" / "fleet" / OVERRIDES_FILE_NAME
+    assert good["result"]["persisted"] == str(layer)
+    assert tomllib.loads(layer.read_text()) == {"inference": {"max_queue": 7}}
+    assert daemon.config.read_text() == provisioned
     assert live["result"]["value"] == 7
     assert restart == {**restart, "ok": True, "result": {"restarting": True}}
     assert exit_code == RESTART_EXIT_CODE
 
     again = DaemonProcess(config=daemon.config, workdir=daemon.workdir).start()
     try:
-        again.wait_event("mqtt_connected", timeout=60)
+        again.wait_event("agent_started", timeout=60)
         with operator_on(broker.port) as op:
             after = command(op, "dev1", "config-get", {"key": "inference.max_queue"})
             redelivered = command(op, "dev1", "restart", command_id="restart-1")
         assert after["result"]["value"] == 7
+        assert after["result"]["source"] == f"fleet-override:{layer}"
         assert redelivered["duplicate"] is True
         time.sleep(1.0)
         assert again.proc is not None and again.proc.poll() is None

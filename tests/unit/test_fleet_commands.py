@@ -15,6 +15,7 @@ import pytest
 from agent.errors import ConfigError
 from agent.fleet.commands import FleetService, FleetTopics, JsonLru, build_command, command_topic, parse_target
 from agent.fleet.signing import load_private_key, sign_payload, write_keypair
+from agent.settings import OVERRIDES_FILE_NAME
 from agent.transport.mqtt import Incoming
 from tests.support.fleet import FakeControl, make_settings
 
@@ -347,23 +348,47 @@ CONFIG = (
 
 
 def test_config_set_persists_applies_and_reports(make: Callable[..., Any], tmp_path: Path) -> None:
-    """A valid config-set is written to the file, handed to apply_settings, and config-get sees it."""
+    """A valid config-set goes to the override layer (the file is untouched), is applied, and config-get sees
+    it with its source."""
     path = tmp_path / "agent.toml"
     path.write_text(CONFIG)
+    layer = tmp_path / "state" / OVERRIDES_FILE_NAME
     service, _, sink = make(config_path=path)
     service.handle(incoming("edge/dev1/cmd/config-set",
                             {"id": "cs1", "args": {"key": "inference.max_queue", "value": 3}}))
     result = sink.wait_for(RESULT, 1)[0]["result"]
     assert result["changed"] == ["inference.max_queue"]
     assert result["applied"] == ["inference.max_queue"]
-    assert tomllib.loads(path.read_text())["inference"] == {"max_queue": 3}
+    assert (result["persisted"], result["layer"]) == (str(layer), "fleet-override")
+    assert result["sources"] == {"inference.max_queue": f"fleet-override:{layer}"}
+    assert tomllib.loads(layer.read_text()) == {"inference": {"max_queue": 3}}
+    assert path.read_text() == CONFIG
     service.handle(incoming("edge/dev1/cmd/config-get", {"id": "cg1", "args": {"key": "inference.max_queue"}}))
-    assert sink.on(RESULT)[-1]["result"] == {"key": "inference.max_queue", "value": 3}
+    assert sink.on(RESULT)[-1]["result"] == {"key": "inference.max_queue", "value": 3,
+                                             "source": f"fleet-override:{layer}"}
+    service.handle(incoming("edge/dev1/cmd/config-get", {"id": "cg2", "args": {"key": "mqtt"}}))
+    sources = sink.wait_for(RESULT, 3)[-1]["result"]["sources"]
+    assert (sources["mqtt.host"], sources["mqtt.keepalive_s"]) == (f"file:{path}", "default")
     service.close()
 
 
+def test_config_set_null_removes_the_override(make: Callable[..., Any], tmp_path: Path) -> None:
+    """value null removes the key from the override layer: the file's value applies again."""
+    path = tmp_path / "agent.toml"
+    path.write_text(CONFIG + "[inference]\nmax_queue = 6\n")
+    service, _, sink = make(config_path=path)
+    service.handle(incoming("edge/dev1/cmd/config-set",
+                            {"id": "s1", "args": {"key": "inference.max_queue", "value": 2}}))
+    service.handle(incoming("edge/dev1/cmd/config-set",
+                            {"id": "s2", "args": {"key": "inference.max_queue", "value": None}}))
+    result = sink.wait_for(RESULT, 2)[-1]["result"]
+    service.close()
+    assert result["sources"] == {"inference.max_queue": f"file:{path}"}
+    assert not (tmp_path / "state" / OVERRIDES_FILE_NAME).exists()
+
+
 def test_config_set_bad_value_is_refused_with_the_key_path(make: Callable[..., Any], tmp_path: Path) -> None:
-    """A bad value yields 'bad_config' naming the key; the file and the daemon are unchanged."""
+    """A bad value yields 'bad_config' naming the key; the file, the override layer and the daemon are unchanged."""
     path = tmp_path / "agent.toml"
     path.write_text(CONFIG)
     service, control, sink = make(config_path=path)
@@ -374,6 +399,7 @@ def test_config_set_bad_value_is_refused_with_the_key_path(make: Callable[..., A
     assert error["code"] == "bad_config"
     assert "inference.max_queue" in error["message"]
     assert path.read_text() == CONFIG
+    assert not (tmp_path / "state" / OVERRIDES_FILE_NAME).exists()
     assert control.names() == []
 
 
