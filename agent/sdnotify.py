@@ -107,6 +107,11 @@ class Notifier:
         extra = (f"STATUS={_one_line(status)}",) if status else ()
         return self.notify("RELOADING=1", *extra)
 
+    def failed(self, status: str, errno: int | None = None) -> bool:
+        """``STATUS=`` (+ ``ERRNO=``) just before exiting on an error: ``systemctl status`` shows why it stopped."""
+        extra = (f"ERRNO={errno}",) if errno is not None else ()
+        return self.notify(f"STATUS={_one_line(status)}", *extra)
+
     def extend_timeout(self, seconds: float) -> bool:
         """``EXTEND_TIMEOUT_USEC=``: ask for more start/stop time (a long first model pull)."""
         return self.notify(f"EXTEND_TIMEOUT_USEC={max(1, round(seconds * 1_000_000))}")

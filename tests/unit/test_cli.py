@@ -1,0 +1,252 @@
+"""The command line's contract: exit codes, one-line errors (to systemd too), config check/reset-overrides."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+
+from agent.__main__ import EXIT_CODES_HELP, build_parser, exit_code_for, main
+from agent.catalog.fit import NothingFitsError
+from agent.catalog.hub import HubAuthError, HubError, HubUnreachableError
+from agent.errors import (
+    BadRequestError,
+    ConfigError,
+    ModelFileError,
+    ModelUnavailableError,
+    PermissionDeniedError,
+    TransportError,
+)
+from agent.settings import OVERRIDES_FILE_NAME
+from tests.support.sd_socket import NotifyReceiver
+
+
+@pytest.fixture(autouse=True)
+def _restore_structlog() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()
+
+
+def _hub_error_from_a_refused_cache() -> HubError:
+    """What `raise HubError(...) from exc` leaves when the HF cache refused a write."""
+    wrapped = HubError("cannot store the file")
+    wrapped.__cause__ = PermissionError(13, "Permission denied", "/var/lib/edge-agent/hf-cache/models--x")
+    return wrapped
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (ConfigError("bad"), 78),
+        (NothingFitsError("nothing fits"), 78),
+        (PermissionDeniedError("cannot read x: permission denied"), 77),
+        (PermissionError(13, "Permission denied", "/etc/edge-agent/agent.toml"), 77),
+        (_hub_error_from_a_refused_cache(), 77),
+        (ModelUnavailableError("no model"), 69),
+        (ModelFileError("missing"), 69),
+        (HubUnreachableError("down"), 69),
+        (HubAuthError("401"), 69),
+        (BadRequestError("--arg x: expected KEY=VALUE"), 2),
+        (TransportError("no broker"), 1),
+        (RuntimeError("bug"), 1),
+    ],
+)
+def test_exit_code_table(exc: BaseException, code: int) -> None:
+    """Each error category maps to its documented exit code; a refused file wins over the error wrapping it."""
+    assert exit_code_for(exc) == code
+
+
+def test_help_lists_the_exit_codes() -> None:
+    """`edge-agent --help` ends with the exit code table."""
+    text = build_parser().format_help()
+    assert EXIT_CODES_HELP.splitlines()[0] in text
+    for code in ("69", "75", "77", "78"):
+        assert f"\n  {code} " in text
+
+
+def config_file(tmp_path: Path, text: str = "") -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(text + f'\n[fleet]\nstate_dir = "{tmp_path / "state"}"\n')
+    return path
+
+
+def test_invalid_config_is_78_with_the_key_and_no_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad value: exit 78, stderr names the key path, nothing on stdout, no traceback."""
+    config = config_file(tmp_path, "[mqtt]\nport = 0\n")
+    assert main(["config", "check", "--config", str(config)]) == 78
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"edge-agent: error: invalid configuration in {config}:\n  mqtt.port")
+    assert "Traceback" not in err
+
+
+def test_permission_problem_is_77_in_one_line_and_systemd_hears_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused config file: exit 77, one line with the fix, STATUS= and ERRNO=13 sent to $NOTIFY_SOCKET."""
+    config = config_file(tmp_path)
+    real = Path.read_text
+
+    def read_text(self: Path, *args: object, **kwargs: object) -> str:
+        if self == config:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    with NotifyReceiver(tmp_path) as receiver:
+        monkeypatch.setenv("NOTIFY_SOCKET", receiver.address)
+        assert main(["probe", "--config", str(config)]) == 77
+        message = receiver.wait_for("STATUS=", timeout=5)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"edge-agent: error: cannot read {config}: permission denied (")
+    assert message.fields["STATUS"].startswith(f"failed: cannot read {config}")
+    assert message.fields["ERRNO"] == "13"
+
+
+def test_config_error_reaches_systemd_as_one_status_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`run` with an invalid config never builds a daemon, yet `systemctl status` shows why (no ERRNO)."""
+    config = config_file(tmp_path, "[inference]\nmax_queue = -1\n")
+    with NotifyReceiver(tmp_path) as receiver:
+        monkeypatch.setenv("NOTIFY_SOCKET", receiver.address)
+        assert main(["run", "--config", str(config)]) == 78
+        message = receiver.wait_for("STATUS=", timeout=5)
+    assert "\n" not in message.fields["STATUS"]
+    assert "inference.max_queue" in message.fields["STATUS"]
+    assert "ERRNO" not in message.fields
+    capsys.readouterr()
+
+
+def test_an_unexpected_error_is_1_with_its_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug keeps its traceback (it is what a report needs) and ends with the one-line reason."""
+
+    def broken(*args: object) -> object:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("agent.commands.probe.probe_device", broken)
+    assert main(["probe", "--config", str(config_file(tmp_path))]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err
+    assert err.rstrip().splitlines()[-1] == "edge-agent: error: internal error: RuntimeError: boom"
+
+
+def test_errors_carry_the_journal_error_priority_under_journald(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When stderr is the journal stream, each error line starts with <3> (journalctl -p err shows it)."""
+    import os
+    import sys
+
+    config = config_file(tmp_path, "[mqtt]\nport = 0\n")
+    with (tmp_path / "stderr").open("w") as err:
+        st = os.fstat(err.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        monkeypatch.setattr(sys, "stderr", err)
+        assert main(["config", "check", "--config", str(config)]) == 78
+    lines = (tmp_path / "stderr").read_text().splitlines()
+    assert lines[0].startswith("<3>edge-agent: error: invalid configuration")
+    assert all(line.startswith("<3>") for line in lines)
+
+
+# -- config check ----------------------------------------------------------------------------------------
+
+
+def test_check_prints_each_value_with_its_source(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Human output: a header naming the layers, then every value with default/file/fleet-override/env."""
+    config = config_file(tmp_path, 'device_id = "pi-1"\n[mqtt]\nport = 1884\n')
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / OVERRIDES_FILE_NAME).write_text("[inference]\nmax_queue = 2\n")
+    monkeypatch.setenv("EDGE_AGENT_LOG__LEVEL", "debug")
+    assert main(["config", "check", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert f"# file:           {config} (3 key(s))" in lines
+    assert f"# fleet-override: {tmp_path / 'state' / OVERRIDES_FILE_NAME} (1 key(s))" in lines
+    rows, section = {}, ""
+    for line in lines:
+        if line.startswith("["):
+            section = line.strip("[]") + "."
+        elif " = " in line:
+            rows[section + line.split(" = ")[0]] = line.rsplit("  # ", 1)[1]
+    assert rows["device_id"] == "file"
+    assert rows["mqtt.port"] == "file"
+    assert rows["inference.max_queue"] == "fleet-override"
+    assert rows["log.level"] == "env:EDGE_AGENT_LOG__LEVEL"
+    assert rows["mqtt.keepalive_s"] == "default"
+
+
+def test_check_json_has_config_sources_and_layers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--json: the effective config, every leaf key's full source label, and each layer's state."""
+    config = config_file(tmp_path, 'device_id = "pi-1"\n')
+    assert main(["config", "check", "--json", "--config", str(config)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["config"]["device_id"] == "pi-1"
+    assert data["sources"]["device_id"] == f"file:{config}"
+    assert data["sources"]["mqtt.port"] == "default"
+    assert [(layer["layer"], layer["state"]) for layer in data["layers"]] == [
+        ("file", "read"), ("fleet-override", "missing"), ("env", "missing")]
+
+
+def test_check_says_in_one_line_when_the_override_layer_was_not_readable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator outside the service's state dir still gets a valid check (exit 0) and one line saying why."""
+    config = config_file(tmp_path)
+    layer = tmp_path / "state" / OVERRIDES_FILE_NAME
+    layer.parent.mkdir()
+    layer.write_text("[inference]\nmax_queue = 2\n")
+    real = Path.read_text
+
+    def read_text(self: Path, *args: object, **kwargs: object) -> str:
+        if self == layer:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    assert main(["config", "check", "--config", str(config)]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "NOT READ" in line]
+    assert len(notes) == 1
+    assert f"cannot read {layer}: permission denied" in notes[0]
+
+
+# -- reset-overrides ---------------------------------------------------------------------------------------
+
+
+def test_reset_overrides_prints_what_it_removed_and_is_idempotent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It lists the removed keys (secrets masked), deletes the layer, and a second run exits 0 with nothing to do."""
+    config = config_file(tmp_path, "[inference]\nmax_queue = 4\n")
+    layer = tmp_path / "state" / OVERRIDES_FILE_NAME
+    layer.parent.mkdir()
+    layer.write_text('[inference]\nmax_queue = 2\n[mqtt]\npassword = "hunter2"\n')
+    assert main(["config", "reset-overrides", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[:3] == [
+        f"removed 2 fleet override(s) from {layer}:", "  inference.max_queue = 2", "  mqtt.password = **********"]
+    assert "hunter2" not in out
+    assert not layer.exists()
+    assert main(["config", "reset-overrides", "--config", str(config)]) == 0
+    assert capsys.readouterr().out == f"no fleet overrides at {layer}: nothing to remove\n"
+
+
+def test_reset_overrides_removes_a_corrupt_layer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A layer that stops the daemon (not TOML) is what reset is for: it goes, exit 0."""
+    config = config_file(tmp_path)
+    layer = tmp_path / "state" / OVERRIDES_FILE_NAME
+    layer.parent.mkdir()
+    layer.write_text("[inference\n")
+    assert main(["config", "reset-overrides", "--config", str(config)]) == 0
+    assert capsys.readouterr().out.startswith(f"removed the corrupt fleet override file {layer}")
+    assert not layer.exists()
