@@ -488,9 +488,11 @@ def read_disk(models_dir: Path | None) -> DiskInfo | None:
     if models_dir is None:
         return None
     path = models_dir.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
     try:
+        # Inside the loop too: exists() raises for a directory this user may not search (an operator
+        # probing a device whose models live in the service's 0700 state directory).
+        while not path.exists() and path != path.parent:
+            path = path.parent
         usage = shutil.disk_usage(path)
     except OSError as exc:
         log.debug("hardware_disk_unreadable", path=str(path), error=exc.strerror)
