@@ -120,7 +120,9 @@ def _fail(exc: Exception) -> int:
     errno_value = None
     if code == EXIT_PERMISSION:
         errno_value = denied_cause.errno if denied_cause is not None else errno.EACCES
-    Notifier.from_environ(os.environ).failed(f"failed: {reason}"[:1000], errno_value)
+    notifier = Notifier.from_environ(os.environ)
+    if notifier.failed(f"failed: {reason}"[:1000], errno_value):
+        notifier.barrier()  # else systemd may reap us before reading it, and drop it
     return code
 
 

@@ -12,7 +12,9 @@ state), so tests point a notifier at a socket they own.
 
 from __future__ import annotations
 
+import array
 import os
+import select
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -111,6 +113,34 @@ class Notifier:
         """``STATUS=`` (+ ``ERRNO=``) just before exiting on an error: ``systemctl status`` shows why it stopped."""
         extra = (f"ERRNO={errno}",) if errno is not None else ()
         return self.notify(f"STATUS={_one_line(status)}", *extra)
+
+    def barrier(self, timeout_s: float = 3.0) -> bool:
+        """``BARRIER=1`` (sd_notify_barrier(3)): wait until systemd has processed every earlier message.
+
+        Sent right before exiting: otherwise systemd may reap the process before it reads the last
+        STATUS= and, no longer knowing the sender as the main process, drop it. systemd closes the
+        passed pipe end once it got here; an older systemd closes unexpected fds too.
+        """
+        if self.address is None:
+            return False
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                fds = array.array("i", [write_end])
+                sock.sendmsg([b"BARRIER=1"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)], 0,
+                               _socket_address(self.address))
+            os.close(write_end)
+            write_end = -1
+            poller = select.poll()
+            poller.register(read_end, select.POLLHUP)
+            return bool(poller.poll(timeout_s * 1000))
+        except OSError as exc:
+            log.debug("sd_notify_barrier_failed", notify_socket=self.address, error=str(exc))
+            return False
+        finally:
+            os.close(read_end)
+            if write_end >= 0:
+                os.close(write_end)
 
     def extend_timeout(self, seconds: float) -> bool:
         """``EXTEND_TIMEOUT_USEC=``: ask for more start/stop time (a long first model pull)."""

@@ -102,3 +102,18 @@ class TestNeverRaises:
     def test_unbound_abstract_name_returns_false(self) -> None:
         """An abstract name nobody listens on is refused by the kernel and swallowed."""
         assert Notifier.from_environ({"NOTIFY_SOCKET": "@edge-agent-test-nobody-here"}).ready() is False
+
+
+def test_barrier_returns_once_the_listener_has_read_everything(tmp_path: Path) -> None:
+    """BARRIER=1 carries a pipe end; the call returns True when the listener has consumed (closed) it."""
+    with NotifyReceiver(tmp_path) as receiver:
+        notifier = Notifier.from_environ(receiver.environ())
+        assert notifier.failed("failed: cannot read /etc/edge-agent/agent.toml", 13)
+        assert notifier.barrier(timeout_s=5)
+        receiver.wait_for("BARRIER=1", timeout=5)
+        assert receiver.assignments()[:2] == ["STATUS=failed: cannot read /etc/edge-agent/agent.toml", "ERRNO=13"]
+
+
+def test_barrier_without_systemd_is_a_noop() -> None:
+    """Outside systemd there is nothing to wait for."""
+    assert Notifier.from_environ({}).barrier() is False
