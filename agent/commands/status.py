@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from agent.commands.config_cmd import add_config_argument
-from agent.commands.fleet import DeviceView, Operator, fleet_settings
+from agent.commands.fleet import LIVE_STATES, DeviceView, Operator, fleet_settings
 from agent.errors import AgentError
 from agent.settings import load_settings
 from agent.transport.topics import DeviceTopics
@@ -80,10 +80,13 @@ def read_view(op: Operator, topics: DeviceTopics, timeout: float) -> DeviceView:
 
 def _extra(view: DeviceView, now: float) -> dict[str, Any]:
     s, t = view.status, view.telemetry
-    ts = t.get("ts")
+    ts, uptime = t.get("ts"), t.get("uptime_s")
+    age = now - ts if isinstance(ts, int | float) else None
+    if age is not None and isinstance(uptime, int | float) and view.state in LIVE_STATES:
+        uptime += age  # still running since that reading
     return {
-        "telemetry_age_s": round(now - ts, 1) if isinstance(ts, int | float) else None,
-        "uptime_s": t.get("uptime_s"),
+        "telemetry_age_s": round(age, 1) if age is not None else None,
+        "uptime_s": round(uptime, 1) if isinstance(uptime, int | float) else None,
         "since": s.get("since"),
         "detail": s.get("detail"),
         "version": s.get("version"),

@@ -250,3 +250,34 @@ def test_reset_overrides_removes_a_corrupt_layer(tmp_path: Path, capsys: pytest.
     assert main(["config", "reset-overrides", "--config", str(config)]) == 0
     assert capsys.readouterr().out.startswith(f"removed the corrupt fleet override file {layer}")
     assert not layer.exists()
+
+
+# -- status ----------------------------------------------------------------------------------------------
+
+
+def test_status_summary_shows_state_model_mode_queue_and_uptime() -> None:
+    """The human summary of a retained status + telemetry: uptime counts on from the last reading."""
+    from agent.commands.fleet import DeviceView
+    from agent.commands.status import _extra, render_status
+
+    now = 1_700_000_100.0
+    view = DeviceView(
+        "pi-1",
+        status={"state": "online", "groups": ["kitchen"], "model": "gemma-3-270m-it", "quant": "Q8_0",
+                "n_ctx": 2048, "threads": 4, "since": now - 3600},
+        telemetry={"ts": now - 10, "queue_depth": 2, "mode": "degraded", "uptime_s": 7190,
+                   "requests_served": 5, "requests_failed": 1},
+    )
+    summary = {**view.row(now, 120.0), **_extra(view, now)}
+    assert summary["uptime_s"] == 7200
+    rows = dict(line.split(None, 1) for line in render_status(summary, view, now).splitlines())
+    assert rows == {
+        "device": "pi-1 (groups: kitchen)",
+        "state": "online, since 1h 00m ago",
+        "model": "gemma-3-270m-it Q8_0, n_ctx 2048, 4 threads",
+        "mode": "degraded",
+        "queue": "2",
+        "uptime": "2h 00m",
+        "requests": "5 served, 1 failed",
+        "telemetry": "10s ago",
+    }
