@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.errors import BadRequestError, TooLargeError
+from agent.transport.limits import check_payload, top_level_strings
 
 PROTOCOL_VERSION = 1
 MAX_STOP_SEQUENCES = 8
@@ -163,14 +164,12 @@ def parse_cancel(payload: bytes) -> CancelRequest:
 
 
 def peek_reply_fields(payload: bytes) -> tuple[str | None, str | None]:
-    """Best-effort (id, reply_to) from a payload that failed validation, so the error can be answered."""
-    try:
-        data = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        return None, None
-    if not isinstance(data, dict):
-        return None, None
-    rid, reply_to = data.get("id"), data.get("reply_to")
+    """Best-effort (id, reply_to) from a payload that failed validation, so the error can be answered.
+
+    Safe on any payload (too deep, too large, not UTF-8): it never parses more than the top level.
+    """
+    fields = top_level_strings(payload, ("id", "reply_to"))
+    rid, reply_to = fields.get("id"), fields.get("reply_to")
     return (
         rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None,
         reply_to if isinstance(reply_to, str) and reply_to else None,
@@ -194,6 +193,7 @@ def error_payload(
 
 
 def _decode_object(payload: bytes) -> dict[str, Any]:
+    check_payload(payload, None)  # bounded nesting before json.loads recurses into it
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
