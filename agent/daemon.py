@@ -32,6 +32,7 @@ from agent.fleet.commands import FleetService
 from agent.hardware.probe import CpuPercentSampler, probe_device
 from agent.hardware.snapshot import DeviceSnapshot
 from agent.logs import configure_logging
+from agent.services.bulkhead import Bulkhead, BulkheadCounters
 from agent.services.ha_discovery import discovery_messages
 from agent.services.inference import InferenceService, ReplyAddress
 from agent.services.offload import CloudRelay, OffloadFlags, expected_wait_ms, should_offload
@@ -116,6 +117,8 @@ class Daemon:
         self._link: FailoverLink | None = None
         self._fleet_subscribed = True
         self._relay: CloudRelay | None = None
+        self._bulkhead: Bulkhead | None = None
+        self._test_hooks = False
         self._fleet: FleetService | None = None
         self._buffer: TelemetryBuffer | None = None
         self._limits: ThermalLimits | None = None
@@ -143,6 +146,7 @@ class Daemon:
     def install_signal_handlers(self, *, test_hooks: bool = False) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        self._test_hooks = test_hooks
         if test_hooks:
             # EDGE_TEST_HOOKS=1 only: SIGUSR2 wedges the main loop, so tests can watch the
             # systemd watchdog pings stop (a hung loop must get the service restarted).
@@ -243,6 +247,17 @@ class Daemon:
         if self.cloud_infer:
             shared.add(self.cloud_infer.split("/", 2)[2])
         assert self._fleet is not None
+        assert self._link is not None
+        # Nothing one message does may stop the daemon: size/depth limits, quarantine, a catch-all.
+        bulkhead = self._bulkhead = Bulkhead(
+            self._link,
+            max_bytes=lambda: self.settings.inference.max_payload_bytes,
+            state_dir=_writable_dir(self.settings.fleet.state_dir, "fleet"),
+            on_quarantine=lambda m, n: self.emit_event("message_quarantined", "crashed_while_handling",
+                                                       {"attempts": n, "bytes": len(m.payload)}),
+            test_hooks=self._test_hooks,  # EDGE_TEST_HOOKS=1: payload markers simulate crashes
+        )
+        service.before_run = bulkhead.charge
         while not self._stop.is_set():
             try:
                 # Wake for the next telemetry tick too: a full `tick` after every event would stretch
@@ -260,12 +275,12 @@ class Daemon:
             self._check_failover(now)
             if isinstance(event, Incoming):
                 if event.topic == infer or event.topic in shared:
-                    service.submit(event)
+                    bulkhead.run(event, service.submit, service.refuse, charge=False)  # charged when it starts
                     self._update_fleet_share()
                 elif event.topic == cancel:
-                    service.cancel(event)
+                    bulkhead.run(event, service.cancel, service.refuse_cancel)
                 else:
-                    self._fleet.handle(event)
+                    bulkhead.run(event, self._fleet.handle, self._fleet.refuse)
             elif isinstance(event, Connected | Disconnected):
                 self._on_link_event(event)
             if now >= next_telemetry:
@@ -439,6 +454,7 @@ class Daemon:
 
     def _runtime(self) -> RuntimeView:
         service = self.service_or_raise()
+        counts = self._bulkhead.counters if self._bulkhead is not None else BulkheadCounters()
         return RuntimeView(
             model=self._model.name if self._model else None,
             quant=self.quant,
@@ -451,6 +467,9 @@ class Daemon:
             mode=self.mode,
             uptime_s=round(time.monotonic() - self._started_mono, 1),
             cpu_percent=self._cpu.sample(),
+            messages_rejected=counts.rejected,
+            messages_dropped=counts.dropped,
+            messages_quarantined=counts.quarantined,
         )
 
     def _make_buffer(self) -> TelemetryBuffer | None:

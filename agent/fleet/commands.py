@@ -38,6 +38,7 @@ from agent.fleet.signing import (
 )
 from agent.settings import DEFAULT_CONFIG_PATH, OVERRIDES_FILE_NAME, Settings, layered_settings
 from agent.settings_base import validate_topic_level
+from agent.transport.limits import check_payload, top_level_strings
 from agent.transport.mqtt import Incoming, Publish
 from agent.transport.topics import is_concrete_topic
 
@@ -403,6 +404,7 @@ class _Job:
     message: Incoming
     started: float
     replies: list[_Reply] = field(default_factory=list)
+    acked: bool = False
 
 
 _STOP = object()
@@ -450,6 +452,9 @@ class FleetService:
         self._pending: dict[str, _Job] = {}
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
+        # The command being handled on the arrival thread, and whether it was acknowledged yet.
+        self._arriving: Incoming | None = None
+        self._arriving_acked = False
         self._worker: threading.Thread | None = None
         self._commands: dict[str, _Command] = {
             "ping": _Command(NoArgs, False, self._ping),
@@ -491,12 +496,43 @@ class FleetService:
         target = self.topics.match(message.topic)
         if target is None:
             return False
+        self._arriving, self._arriving_acked = message, False
         try:
             self._arrive(message, target)
-        except Exception:
-            # A bug in one command must not take the daemon down; the id stays unacknowledged.
+        except Exception as exc:
+            # A bug in one command must not take the daemon down, nor leave its message unacknowledged
+            # (the broker would hold its flow-control slot and redeliver it after every reconnect).
             log.exception("fleet_command_crashed", topic=message.topic)
+            if not self._arriving_acked:
+                self._crashed(message, exc)
+        finally:
+            self._arriving = None
         return True
+
+    def refuse(self, message: Incoming, error: AgentError) -> bool:
+        """Answer a command that is not run (over the size/depth limits, quarantined, its handling
+        crashed) on this device's result topic and where the caller asked, and acknowledge it.
+
+        Never parses the payload beyond its top level. With signatures required, the unauthenticated
+        payload's ``reply_to`` is not used. True when a result was published.
+        """
+        target = self.topics.match(message.topic)
+        if target is None:
+            self._acknowledge(message)
+            return False
+        fields = top_level_strings(message.payload, ("id", "reply_to"))
+        replies = [_Reply(self.topics.result)]
+        if not self._require_signature:
+            replies += self._requested(message, fields)
+        self._refuse(message, target, _peek_id(fields), error, replies)
+        return True
+
+    def _crashed(self, message: Incoming, exc: Exception) -> None:
+        try:
+            self.refuse(message, AgentError(f"internal error ({type(exc).__name__}); the command was not run"))
+        except Exception:
+            log.exception("fleet_command_refuse_failed", topic=message.topic)
+            self._acknowledge(message)
 
     def _arrive(self, message: Incoming, target: CommandTarget) -> None:
         now = self._clock()
@@ -511,8 +547,10 @@ class FleetService:
             self._refuse(message, target, _peek_id(data), exc, own)
             return
         except BadRequestError as exc:
-            replies = own if self._require_signature else own + self._requested(message, data)
-            self._refuse(message, target, _peek_id(data), exc, replies)
+            # Not decodable (not UTF-8, not JSON): the top-level id/reply_to may still be read safely.
+            peeked = data if data is not None else top_level_strings(message.payload, ("id", "reply_to"))
+            replies = own if self._require_signature else own + self._requested(message, peeked)
+            self._refuse(message, target, _peek_id(peeked), exc, replies)
             return
         replies = own + self._requested(message, data)
         # Under the lock the worker holds while it stores a result and retires the job, so an id is
@@ -598,10 +636,12 @@ class FleetService:
             assert isinstance(job, _Job)  # only jobs and _STOP are queued
             try:
                 self._finish(job, self._execute(self._commands[job.target.name], job))
-            except Exception:
+            except Exception as exc:
                 log.exception("fleet_command_crashed", id=job.request.id, cmd=job.target.name)
                 with self._lock:
                     self._pending.pop(job.request.id, None)
+                if not job.acked:
+                    self._crashed(job.message, exc)
 
     def _execute(self, command: _Command, job: _Job) -> dict[str, Any] | AgentError:
         try:
@@ -622,6 +662,7 @@ class FleetService:
             self._pending.pop(job.request.id, None)
         self._send(body, replies)
         self._acknowledge(job.message)
+        job.acked = True
         log.info(
             "fleet_command_done",
             id=job.request.id,
@@ -648,6 +689,8 @@ class FleetService:
             self._publish(reply.topic, payload, qos=1, correlation_data=reply.correlation)
 
     def _acknowledge(self, message: Incoming) -> None:
+        if message is self._arriving:
+            self._arriving_acked = True
         if self._ack is not None:
             self._ack(message)
 
@@ -764,6 +807,7 @@ def _result(rid: str | None, device_id: str, cmd: str, outcome: dict[str, Any] |
 
 
 def _decode_object(payload: bytes) -> dict[str, Any]:
+    check_payload(payload, None)  # bounded nesting before json.loads recurses into it
     try:
         data = json.loads(payload.decode("utf-8"))
     except UnicodeDecodeError as exc:

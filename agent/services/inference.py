@@ -96,6 +96,9 @@ class InferenceService:
         self.served_by = device_id
         # Offload hook (the daemon's): may take a validated request elsewhere; True = handled.
         self.router: Callable[[InferRequest, ReplyAddress, Incoming, str], bool] | None = None
+        # Called on the worker just before a request's generation starts (the bulkhead charges
+        # redelivered requests there: only work that was running is blamed for a crash). Must not raise.
+        self.before_run: Callable[[Incoming], None] | None = None
         self._worker = threading.Thread(target=self._work, name="inference-worker", daemon=True)
         self.counters = Counters()
 
@@ -207,16 +210,32 @@ class InferenceService:
             self._queue.capacity = settings.max_queue + 1
         self._recent._window = settings.dedup_window_s
 
+    def refuse(self, message: Incoming, error: AgentError) -> bool:
+        """Answer ``error`` to a request that is not served, if it has a reply address, and acknowledge it.
+
+        The address is the Response Topic, else the payload's ``reply_to`` read without parsing the
+        rest (safe on any payload). True when an error reply was sent.
+        """
+        reply = self._reply_address(message)
+        rid, reply_to = peek_reply_fields(message.payload)
+        if reply is None and reply_to and is_concrete_topic(reply_to):
+            reply = ReplyAddress(reply_to, message.correlation_data)
+        self._reject(message, reply, rid, error)
+        return reply is not None
+
+    def refuse_cancel(self, message: Incoming, error: AgentError) -> bool:
+        """:meth:`refuse` for the cancel topic, where only an MQTT 5 Response Topic is a reply address."""
+        reply = self._reply_address(message)
+        self._reject(message, reply, peek_reply_fields(message.payload)[0], error)
+        return reply is not None
+
     def _resolve(self, message: Incoming) -> tuple[InferRequest, ReplyAddress] | None:
         """Parse the payload and find where to answer; rejects (and acknowledges) what cannot be served."""
         reply = self._reply_address(message)
         try:
             request = parse_request(message.payload, self._settings.max_payload_bytes)
         except BadRequestError as exc:
-            rid, reply_to = peek_reply_fields(message.payload)
-            if reply is None and reply_to and is_concrete_topic(reply_to):
-                reply = ReplyAddress(reply_to, message.correlation_data)
-            self._reject(message, reply, rid, exc)
+            self.refuse(message, exc)
             return None
         if reply is None and request.reply_to:
             if not is_concrete_topic(request.reply_to):
@@ -258,13 +277,17 @@ class InferenceService:
         return True
 
     def cancel(self, message: Incoming) -> None:
-        """Cancel a queued request (answered at once) or the running one (stops within a token)."""
-        self._link.ack(message)
+        """Cancel a queued request (answered at once) or the running one (stops within a token).
+
+        An invalid cancel is answered with an error on its Response Topic, if it has one.
+        """
         try:
             cancel = parse_cancel(message.payload)
         except BadRequestError as exc:
             log.warning("cancel_invalid", reason=str(exc))
+            self.refuse_cancel(message, exc)
             return
+        self._link.ack(message)
         queued = self._queue.remove_first(lambda j: j.request_id == cancel.id)
         if queued is not None:
             with self._lock:
@@ -315,6 +338,8 @@ class InferenceService:
                 continue
             self._current = job
             try:
+                if self.before_run is not None:
+                    self.before_run(job.message)
                 self._run(job)
             except AgentError as exc:
                 self._finish_error(job, exc)

@@ -30,7 +30,9 @@ from typing import Any, Literal, Protocol
 
 import structlog
 
+from agent.errors import BadRequestError
 from agent.services.cloud_settings import CloudSettings
+from agent.transport.limits import check_payload
 from agent.transport.mqtt import Connected, Disconnected, Incoming, LinkEvent, MqttLink
 from agent.transport.wire import error_payload
 
@@ -38,6 +40,8 @@ log = structlog.get_logger("agent.offload")
 
 CLOUD = "cloud"
 _TICK_S = 0.1
+MAX_REPLY_BYTES = 4 << 20
+"""A cloud reply larger than this is refused (a final reply holds at most max_tokens_limit tokens of text)."""
 
 # --- the decision -----------------------------------------------------------------------------------
 
@@ -285,8 +289,11 @@ class CloudRelay:
                 elif isinstance(event, Connected):
                     log.info("relay_connected", broker=f"{self._settings.host}:{self._settings.port}")
                 self._expire()
-            except Exception:  # the relay thread must survive any one bad message
+            except Exception as exc:  # the relay thread must survive any one bad message
                 log.exception("relay_crashed")
+                if isinstance(event, Incoming):
+                    # Its caller is answered now rather than at request_timeout_s.
+                    self._fail_one(event, f"internal error ({type(exc).__name__}) relaying the cloud's reply")
 
     def _relay(self, message: Incoming) -> None:
         token = message.correlation_data
@@ -295,12 +302,8 @@ class CloudRelay:
         if pending is None:
             log.debug("relay_reply_unknown", topic=message.topic)  # late (timed out) or a duplicate
             return
-        try:
-            data = json.loads(message.payload)
-        except ValueError:
-            log.warning("relay_reply_invalid", id=pending.request_id)
-            return
-        if not isinstance(data, dict):
+        data = self._decode_reply(message, pending.request_id)
+        if data is None:
             return
         if not data.get("done"):
             seq = data.get("seq")
@@ -325,6 +328,22 @@ class CloudRelay:
                  chunks=outcome.chunks)  # fmt: skip
         self._done(pending.on_done, outcome)
 
+    def _decode_reply(self, message: Incoming, request_id: str) -> dict[str, Any] | None:
+        """The cloud's reply as a dict; None if it is not one (a reply over the limits fails its relay)."""
+        try:
+            check_payload(message.payload, MAX_REPLY_BYTES)
+        except BadRequestError as exc:
+            log.warning("message_rejected", topic=message.topic, reason=exc.code, bytes=len(message.payload),
+                        id=request_id, message=str(exc))
+            self._fail_one(message, f"the cloud's reply was refused: {exc}")
+            return None
+        try:
+            data = json.loads(message.payload)
+        except ValueError:
+            log.warning("relay_reply_invalid", id=request_id)
+            return None
+        return data if isinstance(data, dict) else None
+
     def _expire(self) -> None:
         now = self._clock()
         with self._lock:
@@ -336,6 +355,16 @@ class CloudRelay:
             self._send_error(p.topic, p.correlation_data, p.request_id, p.publish, code="timeout",
                              message="the cloud did not answer in time; try again later")  # fmt: skip
             self._done(p.on_done, RelayOutcome(p.request_id, "timeout", self._ms_since(p.started), p.next_seq))
+
+    def _fail_one(self, reply: Incoming, message: str) -> None:
+        """End the relay a cloud reply belongs to with an ``internal`` error (its caller is answered once)."""
+        token = reply.correlation_data
+        with self._lock:
+            p = self._pending.pop(token, None) if token is not None else None
+        if p is None:
+            return
+        self._send_error(p.topic, p.correlation_data, p.request_id, p.publish, code="internal", message=message)
+        self._done(p.on_done, RelayOutcome(p.request_id, "error", self._ms_since(p.started), p.next_seq))
 
     def _fail_all(self, result: Result, message: str) -> None:
         with self._lock:

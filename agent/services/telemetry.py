@@ -86,6 +86,14 @@ class Telemetry(_Wire):
     requests_offloaded: int
     mode: Mode
     uptime_s: float
+    messages_rejected: int = Field(
+        0, description="Messages refused before or instead of handling (over the size or nesting limit, or their "
+        "handler failed) and answered with an error."
+    )
+    messages_dropped: int = Field(0, description="Such messages with no reply address: acknowledged and dropped.")
+    messages_quarantined: int = Field(
+        0, description="Redelivered messages that were running during repeated crashes: refused, not run again."
+    )
 
 
 EventKind = Literal[
@@ -101,6 +109,7 @@ EventKind = Literal[
     "swap_started",
     "swap_finished",
     "swap_failed",
+    "message_quarantined",
 ]
 
 
@@ -130,6 +139,9 @@ class RuntimeView:
     mode: Mode
     uptime_s: float
     cpu_percent: float | None = None  # from agent.hardware.probe.CpuSampler, sampled once per tick
+    messages_rejected: int = 0  # agent.services.bulkhead.BulkheadCounters
+    messages_dropped: int = 0
+    messages_quarantined: int = 0
 
 
 def _flag_names(flags: ThrottleFlags) -> list[str]:
@@ -175,6 +187,9 @@ def build_telemetry(snapshot: DeviceSnapshot, runtime: RuntimeView) -> Telemetry
         requests_offloaded=runtime.requests_offloaded,
         mode=runtime.mode,
         uptime_s=round(runtime.uptime_s, 1),
+        messages_rejected=runtime.messages_rejected,
+        messages_dropped=runtime.messages_dropped,
+        messages_quarantined=runtime.messages_quarantined,
     )
 
 

@@ -53,6 +53,7 @@ class FailoverLink:
         self._after = failover_after_s
         self._secondary: MqttLink | None = None
         self._subscriptions: dict[str, int] = {}
+        self._ack_listeners: list[Callable[[Incoming], None]] = []
         self.state = FailoverState()
 
     # -- the MqttLink surface the services use ---------------------------------------------------
@@ -95,6 +96,12 @@ class FailoverLink:
             secondary.ack(message)
         elif message.via == "primary":
             self.primary.ack(message)
+        for listener in self._ack_listeners:
+            listener(message)
+
+    def add_ack_listener(self, listener: Callable[[Incoming], None]) -> None:
+        """Call ``listener(message)`` after every acknowledgement (from the thread that acknowledges)."""
+        self._ack_listeners.append(listener)
 
     def subscribe(self, topics: Iterable[tuple[str, int]]) -> None:
         items = list(topics)

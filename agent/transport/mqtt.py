@@ -122,6 +122,7 @@ class MqttLink:
         self._stopping = False
         self._v5 = settings.protocol == "5"
         self._persistent = persistent_session
+        self._manual_ack = manual_ack
         self.client_id = client_id
         self._client = paho.Client(
             paho.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]  # paho re-exports it untyped
@@ -130,6 +131,9 @@ class MqttLink:
             clean_session=None if self._v5 else not persistent_session,
             manual_ack=manual_ack,
         )
+        # An exception escaping any of our callbacks would end paho's network thread (the link goes
+        # silent for good); ours catch their own, this is the net under them.
+        self._client.suppress_exceptions = True
         # Replies queued while disconnected are sent after reconnect; do not cap the local queue.
         self._client.max_queued_messages_set(0)
         self._client.max_inflight_messages_set(100)
@@ -289,7 +293,10 @@ class MqttLink:
             session_present=session_present,
         )
         if self._on_connect_publish is not None:
-            self._on_connect_publish()
+            try:
+                self._on_connect_publish()
+            except Exception:  # an exception here would end paho's network thread: log it and go on
+                log.exception("on_connect_publish_failed", link=self.name)
         self._on_event(Connected(session_present=session_present))
 
     def _handle_subscribe(
@@ -313,23 +320,32 @@ class MqttLink:
         self._on_event(Disconnected(reason=str(reason_code)))
 
     def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        try:
+            self._on_event(self._incoming(msg))
+        except Exception:
+            # Nothing a message carries may end paho's network thread (the link would go silent for
+            # good). What cannot be handed over is acknowledged (so it is not redelivered forever) and dropped.
+            log.exception("message_dropped", link=self.name, reason="callback_failed", mid=msg.mid)
+            if self._manual_ack and msg.qos > 0:
+                with contextlib.suppress(Exception):
+                    client.ack(msg.mid, msg.qos)
+
+    def _incoming(self, msg: paho.MQTTMessage) -> Incoming:
         props = getattr(msg, "properties", None)
         response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
         expiry = getattr(props, "MessageExpiryInterval", None) if props is not None else None
-        self._on_event(
-            Incoming(
-                topic=msg.topic,
-                payload=bytes(msg.payload),
-                qos=msg.qos,
-                mid=msg.mid,
-                dup=bool(msg.dup),
-                response_topic=response_topic or None,
-                correlation_data=bytes(correlation) if correlation is not None else None,
-                message_expiry_s=int(expiry) if expiry is not None else None,
-                received_at=time.monotonic(),
-                via=self.name,
-            )
+        return Incoming(
+            topic=msg.topic,
+            payload=bytes(msg.payload),
+            qos=msg.qos,
+            mid=msg.mid,
+            dup=bool(msg.dup),
+            response_topic=response_topic or None,
+            correlation_data=bytes(correlation) if correlation is not None else None,
+            message_expiry_s=int(expiry) if expiry is not None else None,
+            received_at=time.monotonic(),
+            via=self.name,
         )
 
     @staticmethod
