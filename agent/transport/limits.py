@@ -30,8 +30,7 @@ refused payload costs a few ms at most. A ``reply_to`` beyond that is not found;
 Response Topic can then address the error reply."""
 
 # A JSON string from its opening quote to its closing one (or to the end, when unterminated: a
-# parser stops there, so nothing after it is ever reached). Unrolled so that it never backtracks.
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+# parser stops there, so nothing after it is ever reached), or one structural character.
 _TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?|[\[\]{}:,]', re.DOTALL)
 _NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
 # Brackets → signed bytes +1 / -1, so the running depth is an accumulate over a memoryview.
@@ -45,7 +44,26 @@ def json_depth(payload: bytes) -> int:
     Linear and recursion-free. Not a validator: for invalid JSON the number is an upper bound of the
     depth a parser reaches before it fails.
     """
-    bare = _STRING.sub(b"", payload) if b'"' in payload else payload
+    return _max_depth(_outside_strings(payload))
+
+
+def _outside_strings(payload: bytes) -> bytes:
+    """``payload`` without its JSON strings: brackets inside them are text, not nesting.
+
+    All in C-speed bytes operations (a regex over string bodies costs 10x more). Escaped backslashes
+    go first, so that ``\\\\"`` still ends a string and ``\\"`` does not; then the text between
+    quotes is dropped. An unterminated string runs to the end: a parser stops there too.
+    """
+    if b"\\\\" in payload:
+        payload = payload.replace(b"\\\\", b"")
+    if b'\\"' in payload:
+        payload = payload.replace(b'\\"', b"")
+    if b'"' in payload:
+        payload = b"".join(payload.split(b'"')[0::2])
+    return payload
+
+
+def _max_depth(bare: bytes) -> int:
     signs = bare.translate(_SIGN, _NOT_BRACKET)
     if not signs:
         return 0
@@ -63,7 +81,10 @@ def check_payload(payload: bytes, max_bytes: int | None, max_depth: int = MAX_JS
     # Depth never exceeds the number of opening brackets: most payloads stop here.
     if not _more_openers_than(payload, max_depth):
         return
-    depth = json_depth(payload)
+    bare = _outside_strings(payload)
+    if bare.count(b"[") + bare.count(b"{") <= max_depth:
+        return  # the brackets were text inside strings (code in a prompt, say)
+    depth = _max_depth(bare)
     if depth > max_depth:
         raise BadRequestError(f"payload nests {depth} levels deep; the limit is {max_depth}")
 
