@@ -27,7 +27,7 @@ from agent.adapt.policy import CapQuant, Offload, PolicyState, SetThreads, decid
 from agent.adapt.settings import ThermalLimits, board_limits
 from agent.control import DaemonControl, run_logged
 from agent.engine.llama import LlamaEngine, LoadedModel
-from agent.errors import ConfigError
+from agent.errors import AgentError, ConfigError
 from agent.fleet.commands import FleetService
 from agent.hardware.probe import CpuPercentSampler, probe_device
 from agent.hardware.snapshot import DeviceSnapshot
@@ -42,12 +42,16 @@ from agent.settings import Settings, fleet_overrides_path
 from agent.transport.failover import FailoverLink
 from agent.transport.mqtt import Connected, Disconnected, Incoming, LinkEvent, MqttLink
 from agent.transport.topics import DeviceTopics
-from agent.transport.wire import InferRequest, Status
+from agent.transport.wire import InferRequest, PullProgress, Status
 
 log = structlog.get_logger("agent.daemon")
 
 TICK_S = 1.0
 RESTART_EXIT_CODE = 75  # EX_TEMPFAIL; the unit has RestartForceExitStatus=75
+
+
+class _StartInterruptedError(BaseException):
+    """SIGTERM/SIGINT arrived while the daemon was still planning, pulling or loading (not an error)."""
 
 
 class Notifier(Protocol):
@@ -109,6 +113,9 @@ class Daemon:
         self._ready_sent = False
         self._model: LoadedModel | None = None
         self._hang = False
+        self._state = "starting"
+        self._interruptible = False  # True while start-up (plan, pull, load) runs on the main thread
+        self._progress: PullProgress | None = None
         self._exit_code = 0
         self.quant: str | None = None
         self.model_key: str | None = None
@@ -142,6 +149,10 @@ class Daemon:
             os._exit(1)
         self._stop.set()
         self._events.put("stop")
+        if self._interruptible:
+            # Still on the main thread's start-up path (a pull can take minutes): stop it now rather
+            # than after the download; a partial download stays in the cache and resumes next time.
+            raise _StartInterruptedError
 
     def install_signal_handlers(self, *, test_hooks: bool = False) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -158,23 +169,114 @@ class Daemon:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Start, serve until a signal, shut down cleanly; returns the process exit code."""
+        """Start, serve until a signal, shut down cleanly; returns the process exit code.
+
+        The broker connection comes first, so a device is visible (retained ``starting`` →
+        ``pulling`` with progress → ``loading`` → ``online``) during a first pull that may take
+        minutes; requests and commands that arrive meanwhile wait in the event queue.
+        """
         settings = self.settings
         self._snapshot = self._probe()
         self._limits = board_limits(self._snapshot, settings.adapt)
-        model_path, n_ctx = self._resolve_model()
-        self._notifier.status("loading model")
-        engine = LlamaEngine(
-            model_path,
-            n_ctx=n_ctx,
-            threads=settings.model.threads,
-            n_batch=settings.model.n_batch,
-            chat_template=settings.model.chat_template,
-            seed=settings.model.seed,
-        )
-        self._model = engine.load()
-        self._policy = PolicyState.initial(self._model.threads)
         self._buffer = self._make_buffer()
+        link = self._connect()
+        engine = self._load_model(link)
+        if engine is None:
+            return 0
+        service = self._start_serving(engine, link)
+        try:
+            self._main_loop(service)
+        finally:
+            self._shut_down(service, link)
+        return self._exit_code
+
+    def _load_model(self, link: FailoverLink) -> LlamaEngine | None:
+        """Plan, pull and load; None when a signal stopped the start. A failure is told on the status topic."""
+        settings = self.settings
+        self._interruptible = True
+        try:
+            model_path, n_ctx = self._resolve_model()
+            self._set_state("loading", note=f"loading model {model_path.name}")
+            engine = LlamaEngine(
+                model_path,
+                n_ctx=n_ctx,
+                threads=settings.model.threads,
+                n_batch=settings.model.n_batch,
+                chat_template=settings.model.chat_template,
+                seed=settings.model.seed,
+            )
+            self._model = engine.load()
+            self._interruptible = False
+        except _StartInterruptedError:
+            log.info("agent_stopped", during="start", exit_code=0)
+            self._set_state("offline", note="stopped while starting")
+            link.stop(final=(self._topics.status, self._status_payload("offline")))
+            return None
+        except BaseException as exc:
+            self._interruptible = False
+            # Say why on the device's status topic before going: an operator watching the fleet sees
+            # "offline: <reason>" instead of a device that silently never came up.
+            detail = str(exc) if isinstance(exc, AgentError) else f"{type(exc).__name__}: {exc}"
+            self._set_state("offline", note=detail)
+            link.stop(final=(self._topics.status, self._status_payload("offline", detail=detail)))
+            raise
+        return engine
+
+    def _start_serving(self, engine: LlamaEngine, link: FailoverLink) -> InferenceService:
+        settings = self.settings
+        assert self._model is not None
+        self._policy = PolicyState.initial(self._model.threads)
+        service = InferenceService(engine, link, settings.inference, settings.device_id, self._model.name)
+        service.served_by = "cloud" if settings.role == "cloud" else settings.device_id
+        self._service = service
+        if settings.cloud.enabled and settings.role == "edge":
+            self._relay = CloudRelay(settings.cloud, prefix=self._prefix, device_id=settings.device_id)
+            service.router = self._route
+        if self._fleet_subscribed:
+            link.subscribe([(self.fleet_infer, 1)])
+        if self.cloud_infer:
+            link.subscribe([(self.cloud_infer, 1)])
+        service.start()
+        if self._relay is not None:
+            self._relay.start()
+        self._set_state("online", note=f"serving on {self._topics.infer}")
+        log.info(
+            "agent_started",
+            device_id=settings.device_id,
+            version=__version__,
+            role=settings.role,
+            broker=f"{settings.mqtt.host}:{settings.mqtt.port}",
+            infer_topic=self._topics.infer,
+            start_s=round(time.monotonic() - self._started_mono, 2),
+        )
+        return service
+
+    def _shut_down(self, service: InferenceService, link: FailoverLink) -> None:
+        settings = self.settings
+        self._notifier.stopping("shutting down")
+        log.info("agent_stopping", grace_s=settings.inference.shutdown_grace_s)
+        # Leave the shared subscriptions first: the persistent session would otherwise keep its
+        # share of fleet requests queued for us until we come back (or the session expires).
+        link.unsubscribe([t for t in (self.fleet_infer, self.cloud_infer) if t])
+        service.shutdown(settings.inference.shutdown_grace_s)
+        if self._fleet is not None:
+            self._fleet.close(5.0)
+        if self._relay is not None:
+            self._relay.stop(5.0)
+        self._background.shutdown(wait=False, cancel_futures=True)
+        link.stop(final=(self._topics.status, self._status_payload("offline")))
+        service.engine.close()
+        log.info("agent_stopped", served=service.counters.served, failed=service.counters.failed,
+                 exit_code=self._exit_code)
+
+    def _connect(self) -> FailoverLink:
+        """Connect before anything slow: the device's own request, cancel, command and status topics.
+
+        The fleet's shared subscriptions wait until the model is loaded (the broker would otherwise
+        route fleet work to a device that cannot serve it for minutes); this device's own requests
+        are subscribed at once and wait in the event queue, each with its deadline.
+        """
+        settings = self.settings
         primary = MqttLink(
             settings.mqtt,
             settings.mqtt.client_id or f"edge-agent-{settings.device_id}",
@@ -191,51 +293,23 @@ class Daemon:
             failover_after_s=settings.cloud.failover_after_s,
         )
         self._link = link
-        service = InferenceService(engine, link, settings.inference, settings.device_id, self._model.name)
-        service.served_by = "cloud" if settings.role == "cloud" else settings.device_id
-        self._service = service
-        if settings.cloud.enabled and settings.role == "edge":
-            self._relay = CloudRelay(settings.cloud, prefix=self._prefix, device_id=settings.device_id)
-            service.router = self._route
         fleet_state = _writable_dir(settings.fleet.state_dir, "fleet") or settings.fleet.state_dir
         # config-set persists where load_config reads it, even when the journals fell back elsewhere.
         self._fleet = FleetService(settings, self.control, link.publish, self._config_path, fleet_state, ack=link.ack,
                                    overrides_path=fleet_overrides_path(settings))
+        # Commands sent while the model is pulled wait in the session and are handled once it serves.
         link.subscribe([(self._topics.infer, 1), (self._topics.infer_cancel, 1), *self._fleet.subscriptions()])
-        link.subscribe([(self.fleet_infer, 1)])
-        if self.cloud_infer:
-            link.subscribe([(self.cloud_infer, 1)])
-        service.start()
-        if self._relay is not None:
-            self._relay.start()
-        self._notifier.status(f"connecting to {settings.mqtt.host}:{settings.mqtt.port}")
+        self._set_state("starting", note=f"connecting to {settings.mqtt.host}:{settings.mqtt.port}")
         link.start()
-        log.info(
-            "agent_started",
-            device_id=settings.device_id,
-            version=__version__,
-            role=settings.role,
-            broker=f"{settings.mqtt.host}:{settings.mqtt.port}",
-            infer_topic=self._topics.infer,
-        )
-        try:
-            self._main_loop(service)
-        finally:
-            self._notifier.stopping("shutting down")
-            log.info("agent_stopping", grace_s=settings.inference.shutdown_grace_s)
-            # Leave the shared subscriptions first: the persistent session would otherwise keep its
-            # share of fleet requests queued for us until we come back (or the session expires).
-            link.unsubscribe([t for t in (self.fleet_infer, self.cloud_infer) if t])
-            service.shutdown(settings.inference.shutdown_grace_s)
-            self._fleet.close(5.0)
-            if self._relay is not None:
-                self._relay.stop(5.0)
-            self._background.shutdown(wait=False, cancel_futures=True)
-            link.stop(final=(self._topics.status, self._status_payload("offline")))
-            service.engine.close()
-            log.info("agent_stopped", served=service.counters.served, failed=service.counters.failed,
-                     exit_code=self._exit_code)
-        return self._exit_code
+        return link
+
+    def _set_state(self, state: str, *, note: str, progress: PullProgress | None = None) -> None:
+        """One place for the start-up state: retained status on MQTT and STATUS= for systemctl."""
+        self._state = state
+        self._progress = progress
+        self._notifier.status(note)
+        if state != "offline":
+            self._publish_status(state)
 
     def _main_loop(self, service: InferenceService) -> None:
         interval = self._notifier.watchdog_interval_s()
@@ -354,27 +428,44 @@ class Daemon:
             return model.path, model.n_ctx
         if not model.name:
             raise ConfigError("set [model] path (a local GGUF file) or [model] name (a catalog entry)")
-        self._notifier.status(f"planning {model.name}")
+        self._set_state("starting", note=f"planning {model.name}")
         plan = self.control.make_plan(model.name, model.quant)
         chosen = plan.decision.require()
         log.info("model_chosen", model=model.name, quant=chosen.quant, file=chosen.file,
                  estimate_bytes=chosen.estimate_bytes, budget_bytes=plan.decision.budget_bytes,
                  explain=plan.decision.explain())
         self.control.last_plan = plan.as_dict()
-        self._notifier.status(f"pulling {model.name}:{chosen.quant}")
-        last = [0.0]
+        spec = f"{model.name}:{chosen.quant}"
+        last = {"status": 0.0, "extend": 0.0, "started": time.monotonic(), "pulled": 0.0}
 
         def progress(done: int, total: int) -> None:
-            # A first pull may take longer than TimeoutStartSec: tell systemd we are progressing.
+            # Called per received block from the pull: throttled to one status a second.
             now = time.monotonic()
-            if now - last[0] >= 5.0:
-                last[0] = now
-                self._notifier.status(f"pulling {model.name}:{chosen.quant} {100 * done // max(total, 1)}%")
+            if not last["pulled"]:
+                last["pulled"] = 1.0
+                self.emit_event("pull_started", "first_start", {"bytes_total": total})
+            if now - last["status"] < 1.0 and done < total:
+                return
+            last["status"] = now
+            percent = round(100.0 * done / total, 1) if total else 0.0
+            self._set_state("pulling", note=f"pulling {spec}: {done / 2**20:.1f} of {total / 2**20:.1f} MiB "
+                            f"({percent:.0f}%)", progress=PullProgress(bytes_done=done, bytes_total=total,
+                                                                       percent=min(percent, 100.0)))
+            if now - last["extend"] >= 5.0:
+                # A first pull may take longer than TimeoutStartSec: tell systemd we are progressing.
+                last["extend"] = now
                 extend = getattr(self._notifier, "extend_timeout", None)
                 if extend is not None:
                     extend(60.0)
 
-        local = self.control.planner().ensure_present(plan, progress=progress)
+        try:
+            local = self.control.planner().ensure_present(plan, progress=progress)
+        except AgentError as exc:
+            self.emit_event("pull_failed", exc.code, {})
+            raise
+        if last["pulled"]:
+            self.emit_event("pull_finished", "first_start", {
+                "bytes": local.size, "seconds": round(time.monotonic() - last["started"], 1)})
         self.quant, self.model_key, self.model_estimate_bytes = chosen.quant, model.name, chosen.estimate_bytes
         return local.path, plan.n_ctx
 
@@ -603,8 +694,7 @@ class Daemon:
         link = self._link
         if link is None:
             return
-        link.publish(self._topics.status, self._status_payload("draining" if self._draining else "online"),
-                     qos=1, retain=True)
+        link.publish(self._topics.status, self._status_payload(self._serving_state()), qos=1, retain=True)
         if self.settings.telemetry.ha_discovery:
             snap = self._snapshot
             for topic, payload in discovery_messages(
@@ -617,11 +707,18 @@ class Daemon:
             ):
                 link.publish(topic, payload, qos=1, retain=True)
 
-    def _publish_status(self, state: str) -> None:
-        if self._link is not None:
-            self._link.publish(self._topics.status, self._status_payload(state), qos=1, retain=True)
+    def _serving_state(self) -> str:
+        if self._state == "online":
+            return "draining" if self._draining else "online"
+        return self._state
 
-    def _status_payload(self, state: str) -> bytes:
+    def _publish_status(self, state: str) -> None:
+        link = self._link
+        # Not queued while disconnected: the on-connect publish sends the state current by then.
+        if link is not None and link.connected:
+            link.publish(self._topics.status, self._status_payload(state), qos=1, retain=True)
+
+    def _status_payload(self, state: str, *, detail: str | None = None) -> bytes:
         model = self._model
         status = Status(
             state=state,  # type: ignore[arg-type]
@@ -635,5 +732,7 @@ class Daemon:
             n_ctx=model.n_ctx if model else None,
             threads=model.threads if model else None,
             since=round(time.time(), 3),
+            progress=self._progress if state == "pulling" else None,
+            detail=detail,
         )
         return json.dumps(status.model_dump(exclude_none=True)).encode()

@@ -128,10 +128,23 @@ class ErrorReply(WireModel):
     device_id: str
 
 
-class Status(WireModel):
-    """Retained on ``{prefix}/{device_id}/status``: what this device is now."""
+class PullProgress(WireModel):
+    """How far the first (or a fleet-requested) model download has come."""
 
-    state: Literal["online", "offline", "draining"]
+    bytes_done: int = Field(ge=0)
+    bytes_total: int = Field(ge=0)
+    percent: float = Field(ge=0, le=100)
+
+
+class Status(WireModel):
+    """Retained on ``{prefix}/{device_id}/status``: what this device is now.
+
+    A device is visible from its first second: ``starting`` (connected, planning), ``pulling`` (with
+    ``progress``), ``loading``, then ``online``; ``offline`` when it stopped or failed (``detail`` says
+    why when it failed at start).
+    """
+
+    state: Literal["starting", "pulling", "loading", "online", "offline", "draining"]
     device_id: str
     role: Literal["edge", "cloud"] = "edge"
     groups: list[str] = Field(default_factory=list, description="Fleet groups (targets of group commands).")
@@ -142,6 +155,8 @@ class Status(WireModel):
     n_ctx: int | None = None
     threads: int | None = None
     since: float | None = Field(None, description="Unix time this state began.")
+    progress: PullProgress | None = Field(None, description="While 'pulling': bytes downloaded so far.")
+    detail: str | None = Field(None, description="Why the device is 'offline' after a failed start.")
 
 
 def parse_request(payload: bytes, max_bytes: int) -> InferRequest:

@@ -201,3 +201,99 @@ def test_set_model_without_room_for_both_closes_first_and_keeps_queued_requests(
     finally:
         c.close()
         d.stop()
+
+
+def test_device_is_visible_from_its_first_second_through_a_slow_first_pull(tmp_path, broker, tiny_models,
+                                                                           catalog) -> None:
+    """Connected before the pull: retained status goes starting → pulling (progress rising) → loading → online,
+    the pull shows as events, and a request sent during the pull is answered once the model is loaded."""
+    size = tiny_models["F16"].stat().st_size
+    with FakeHub(throttle_bps=max(size // 4, 1)) as slow:  # about four seconds for the chosen file
+        slow.add_repo(HUB_REPO, {name: tiny_models[tag] for tag, name in FILES.items()})
+        watcher = Client(broker.port)
+        watcher.subscribe("edge/dev1/status")
+        watcher.subscribe("edge/dev1/events")
+        d = DaemonProcess(config=config_for(tmp_path, broker, slow, catalog), workdir=tmp_path).start()
+        asker = Client(broker.port)
+        try:
+            statuses: list[dict] = []
+            events: list[dict] = []
+            reply = None
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and not (statuses and statuses[-1]["state"] == "online"):
+                m = watcher.messages.get(timeout=max(0.01, deadline - time.monotonic()))
+                body = json.loads(m.payload)
+                (statuses if m.topic.endswith("/status") else events).append(body)
+                if body.get("state") == "pulling" and reply is None:
+                    reply = asker.request("dev1", {"prompt": "hi", "max_tokens": 2})
+            states = [s["state"] for s in statuses]
+            assert states[0] == "starting", states
+            assert "pulling" in states and "loading" in states, states
+            assert states.index("pulling") < states.index("loading") < states.index("online")
+            pulled = [s["progress"] for s in statuses if s["state"] == "pulling"]
+            assert len(pulled) >= 2, pulled  # progress published while the bytes flow, not only at the end
+            assert [p["bytes_done"] for p in pulled] == sorted(p["bytes_done"] for p in pulled)
+            assert pulled[-1]["bytes_total"] == size
+            time.sleep(0.5)
+            while not watcher.messages.empty():
+                m = watcher.messages.get()
+                if m.topic.endswith("/events"):
+                    events.append(json.loads(m.payload))
+            kinds = [e["kind"] for e in events]
+            assert "pull_started" in kinds and "pull_finished" in kinds, kinds
+            assert reply is not None
+            body = json.loads(asker.collect(reply, timeout=60)[-1].payload)
+            assert body["usage"]["completion_tokens"] == 2
+        finally:
+            asker.close()
+            watcher.close()
+            d.stop()
+
+
+def test_a_start_that_fails_says_why_on_the_status_topic(tmp_path, broker, hub, catalog) -> None:
+    """A catalog name that does not exist: the daemon exits, and its retained status is offline with the reason."""
+    d = DaemonProcess(config=config_for(tmp_path, broker, hub, catalog, name="no-such-model"), workdir=tmp_path)
+    d.start()
+    c = Client(broker.port)
+    try:
+        assert d.wait(timeout=60) != 0
+        status = c.retained("edge/dev1/status", state="offline")
+        assert "no-such-model" in status["detail"]
+    finally:
+        c.close()
+
+
+def test_sigterm_during_a_first_pull_stops_at_once_and_the_next_start_resumes(tmp_path, broker, tiny_models,
+                                                                              catalog) -> None:
+    """A stop request does not wait for the download: exit 0 within seconds, status offline; the next start
+    asks the Hub only for the missing bytes (Range) and serves."""
+    size = tiny_models["F16"].stat().st_size
+    with FakeHub(throttle_bps=max(size // 8, 1)) as slow:  # about eight seconds for the chosen file
+        slow.add_repo(HUB_REPO, {name: tiny_models[tag] for tag, name in FILES.items()})
+        cfg = config_for(tmp_path, broker, slow, catalog)
+        c = Client(broker.port)
+        d = DaemonProcess(config=cfg, workdir=tmp_path).start()
+        try:
+            c.retained("edge/dev1/status", timeout=60, state="pulling")
+            time.sleep(1.0)
+            d.signal(15)
+            t0 = time.monotonic()
+            assert d.wait(timeout=20) == 0
+            assert time.monotonic() - t0 < 10
+            assert c.retained("edge/dev1/status", state="offline").get("detail") is None
+            slow.throttle_bps = None
+            slow.reset_log()
+            again = DaemonProcess(config=cfg, workdir=tmp_path).start()
+            try:
+                again.wait_event("agent_started", timeout=60)
+                # (Small Range reads of the header are the planner's; the resumed pull starts mid-file.)
+                resumed = [g for g in slow.file_gets(FILES["F16"]) if g.range and not g.range.startswith("bytes=0-")]
+                assert resumed, [(g.range, g.body_bytes) for g in slow.file_gets(FILES["F16"])]
+                assert resumed[0].body_bytes < size
+                body = json.loads(c.collect(c.request("dev1", {"prompt": "hi", "max_tokens": 2}))[-1].payload)
+                assert body["usage"]["completion_tokens"] == 2
+            finally:
+                again.stop()
+        finally:
+            c.close()
+            d.stop()
