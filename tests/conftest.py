@@ -47,7 +47,7 @@ def start_daemon(tmp_path: Path, broker: Broker, tiny_models: dict[str, Path]) -
         d = DaemonProcess(config=config, workdir=tmp_path).start()
         started.append(d)
         if wait:
-            d.wait_event("mqtt_connected", timeout=60)
+            d.wait_event("agent_started", timeout=60)
         return d
 
     yield _start

@@ -57,7 +57,7 @@ def test_daemon_plans_pulls_and_serves_a_catalog_model(tmp_path, broker, hub, ca
     try:
         chosen = d.wait_event("model_chosen", timeout=60)
         assert chosen["quant"] == "F16"  # plenty of memory here: the best quality
-        d.wait_event("mqtt_connected", timeout=60)
+        d.wait_event("agent_started", timeout=60)
         body = json.loads(c.collect(c.request("dev1", {"prompt": "hi", "max_tokens": 3}))[-1].payload)
         assert body["usage"]["completion_tokens"] == 3
         assert c.retained("edge/dev1/status", state="online")["quant"] == "F16"
@@ -71,13 +71,13 @@ def test_daemon_plans_pulls_and_serves_a_catalog_model(tmp_path, broker, hub, ca
 def test_offline_restart_serves_from_the_cache_without_network(tmp_path, broker, hub, catalog) -> None:
     """Once pulled, an offline start needs no Hub at all."""
     first = DaemonProcess(config=config_for(tmp_path, broker, hub, catalog), workdir=tmp_path).start()
-    first.wait_event("mqtt_connected", timeout=60)
+    first.wait_event("agent_started", timeout=60)
     first.stop()
     hub.reset_log()
     cfg = config_for(tmp_path, broker, hub, catalog, hub_cfg={"offline": True})
     d = DaemonProcess(config=cfg, workdir=tmp_path).start()
     try:
-        d.wait_event("mqtt_connected", timeout=60)
+        d.wait_event("agent_started", timeout=60)
         assert hub.requests() == []
     finally:
         d.stop()
@@ -134,7 +134,7 @@ def test_heat_hot_swaps_a_smaller_quant_without_dropping_requests(tmp_path, brok
     c = Client(broker.port)
     try:
         assert d.wait_event("model_chosen", timeout=60)["quant"] == "F16"
-        d.wait_event("mqtt_connected", timeout=60)
+        d.wait_event("agent_started", timeout=60)
         zone = hw / "sys" / "class" / "thermal" / "thermal_zone0" / "temp"
         zone.write_text("78500\n")  # Pi 5: soft limit 80 °C, so within the 5 °C margin
         replies = []
@@ -177,7 +177,7 @@ def test_set_model_without_room_for_both_closes_first_and_keeps_queued_requests(
     c = Client(broker.port)
     try:
         assert d.wait_event("model_chosen", timeout=60)["quant"] == "F16"
-        d.wait_event("mqtt_connected", timeout=60)
+        d.wait_event("agent_started", timeout=60)
         # The loaded model now takes memory: leave a budget just short of Q8_0 (reserve 64 MiB + margin 32 MiB).
         meminfo = hw / "proc" / "meminfo"
         available_kb = (q8 - 2**20 + 96 * 2**20) // 1024

@@ -198,7 +198,7 @@ def daemons(tmp_path: Path, tiny_models: dict[str, Path]) -> Iterator[Callable[.
                               device_id=device_id, top=top, **sections)  # fmt: skip
         d = DaemonProcess(config=config, workdir=tmp_path).start()
         started.append(d)
-        d.wait_event("mqtt_connected", timeout=60)
+        d.wait_event("agent_started", timeout=60)
         return d
 
     yield _start

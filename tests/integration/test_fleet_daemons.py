@@ -329,7 +329,7 @@ def test_set_model_swaps_between_requests_without_dropping_queued_ones(tmp_path:
     daemon = catalog_daemon(tmp_path, broker, hub)
     client = Client(broker.port)
     try:
-        daemon.wait_event("mqtt_connected", timeout=60)
+        daemon.wait_event("agent_started", timeout=60)
         assert client.retained("edge/dev1/status", state="online")["quant"] == "Q4_0"
         client.subscribe("edge/dev1/events")
         reply = "test/swap-replies"

@@ -155,7 +155,7 @@ def serving(device: Device, tmp_path: Path) -> Iterator[DaemonProcess]:
     """The agent itself (as root here), reading the same config and its overrides."""
     d = DaemonProcess(config=device.config, workdir=tmp_path).start()
     try:
-        d.wait_event("mqtt_connected", timeout=60)
+        d.wait_event("agent_started", timeout=60)
         yield d
     finally:
         d.stop()
