@@ -54,10 +54,8 @@ def _outside_strings(payload: bytes) -> bytes:
     go first, so that ``\\\\"`` still ends a string and ``\\"`` does not; then the text between
     quotes is dropped. An unterminated string runs to the end: a parser stops there too.
     """
-    if b"\\\\" in payload:
-        payload = payload.replace(b"\\\\", b"")
-    if b'\\"' in payload:
-        payload = payload.replace(b'\\"', b"")
+    # replace() returns the same object when there is nothing to replace: one pass either way.
+    payload = payload.replace(b"\\\\", b"").replace(b'\\"', b"")
     if b'"' in payload:
         payload = b"".join(payload.split(b'"')[0::2])
     return payload
