@@ -20,10 +20,17 @@
 #   --port N          Mosquitto port on 127.0.0.1 (default: a free one)
 #   --chroot          do not boot systemd: run `edge-agent run` in a chroot (fallback)
 #   --no-rss          skip the estimate-vs-measured memory runs (the slow part)
+#   --also-no-mmap    also measure each model with use_mmap=False (shows whether weights are repacked)
+#   --keep-device     leave the device's root (<cache>/device) for inspection after the run
 #   --prompt-tokens N long prompt for the peak-RSS runs (default 1700; n_ctx 2048)
 #   --results F       where the final table goes (default <cache>/results.md)
 #   --prepare-only    build/refresh the cached rootfs and exit
 #   -h, --help        this text
+# Each run provisions a fresh copy of the cached rootfs (<cache>/device), so bootstrap.sh always starts
+# from a clean board. qemu-user cannot set up two of the unit's namespaces (PrivateIPC=, PrivateUsers=;
+# the exec step fails with EIO/EINVAL), so an emulation-only drop-in 99-qemu-user.conf turns those two
+# off; seccomp-based settings (SystemCallFilter=, MemoryDenyWriteExecute=, ...) are silently not
+# applied under qemu-user, so this run cannot vouch for them (a real board or x86 nspawn does).
 # Traffic: the device and the broker talk over 127.0.0.1 only; debootstrap, apt and pip reach the
 # Debian and PyPI mirrors, as a board being provisioned does.
 
@@ -47,6 +54,8 @@ PROMPT_TOKENS=1700
 N_CTX=2048
 RESULTS=""
 PREPARE_ONLY="false"
+NO_MMAP="false"
+KEEP_DEVICE="false"
 DEVICE_ID="arm1"
 PREFIX="edge"
 SUITE="bookworm"
@@ -58,7 +67,7 @@ MODELS_IN="/srv/models"
 VENV_PY="/opt/edge-agent/venv/bin/python"
 
 usage() {
-    sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -74,12 +83,15 @@ while [[ $# -gt 0 ]]; do
         --prompt-tokens) PROMPT_TOKENS="$2"; shift 2 ;;
         --results) RESULTS="$2"; shift 2 ;;
         --prepare-only) PREPARE_ONLY="true"; shift ;;
+        --also-no-mmap) NO_MMAP="true"; shift ;;
+        --keep-device) KEEP_DEVICE="true"; shift ;;
         -h|--help) usage 0 ;;
         *) echo "arm64-device: unknown option: $1" >&2; usage 2 ;;
     esac
 done
 
-ROOTFS="$CACHE/rootfs"
+PRISTINE="$CACHE/rootfs"
+ROOTFS="$CACHE/device"
 STAMP="$CACHE/rootfs.stamp"
 RESULTS="${RESULTS:-$CACHE/results.md}"
 [[ "$(id -u)" -eq 0 ]] || { echo "arm64-device: run as root (debootstrap, binfmt, nspawn)" >&2; exit 2; }
@@ -142,6 +154,9 @@ cleanup() {
     if [[ -n "$BROKER_PID" ]]; then kill -TERM "$BROKER_PID" 2>/dev/null; wait "$BROKER_PID" 2>/dev/null; fi
     local i
     for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do umount -l "${MOUNTS[i]}" 2>/dev/null; done
+    # Only a device nothing runs in or is mounted on (a live container keeps nspawn alive).
+    if [[ "$KEEP_DEVICE" != "true" && -d "$ROOTFS" ]] && ! grep -qF " $ROOTFS/" /proc/mounts \
+            && ! { [[ -n "$NSPAWN_PID" ]] && kill -0 "$NSPAWN_PID" 2>/dev/null; }; then rm -rf --one-file-system "$ROOTFS"; fi
     rm -rf "$WORK"
     exit "$rc"
 }
@@ -194,27 +209,32 @@ step_done
 # --- 2. the arm64 rootfs (cached) -----------------------------------------------------------------
 want_stamp="suite=$SUITE include=$INCLUDE"
 mkdir -p "$CACHE"
-if [[ -f "$STAMP" ]] && grep -qxF "$want_stamp" "$STAMP" && [[ -x "$ROOTFS/usr/bin/python3" ]]; then
+if [[ -f "$STAMP" ]] && grep -qxF "$want_stamp" "$STAMP" && [[ -x "$PRISTINE/usr/bin/python3" ]]; then
     built="$(awk -F= '/^build_seconds=/ {print $2}' "$STAMP")"
-    echo "==> arm64 rootfs: cached at $ROOTFS (built in ${built}s, $(awk -F= '/^built_at=/ {print $2}' "$STAMP"))"
+    echo "==> arm64 rootfs: cached at $PRISTINE (built in ${built}s, $(awk -F= '/^built_at=/ {print $2}' "$STAMP"))"
     record "rootfs build (debootstrap, minbase + systemd, python3)" "${built} s (cached; measured when built)"
 else
     step "debootstrap --arch=arm64 --variant=minbase $SUITE (about 6 minutes)"
-    rm -rf "$ROOTFS.partial" "$STAMP"
-    debootstrap --arch=arm64 --variant=minbase --include="$INCLUDE" "$SUITE" "$ROOTFS.partial" \
+    rm -rf "$PRISTINE.partial" "$STAMP"
+    debootstrap --arch=arm64 --variant=minbase --include="$INCLUDE" "$SUITE" "$PRISTINE.partial" \
         >"$CACHE/debootstrap.log" 2>&1 || { tail -n 30 "$CACHE/debootstrap.log" >&2; die "debootstrap failed (log: $CACHE/debootstrap.log)"; }
-    rm -rf "$ROOTFS"
-    mv "$ROOTFS.partial" "$ROOTFS"
+    rm -rf "$PRISTINE"
+    mv "$PRISTINE.partial" "$PRISTINE"
     step_done "rootfs build (debootstrap, minbase + systemd, python3)"
     printf '%s\nbuild_seconds=%s\nbuilt_at=%s\n' "$want_stamp" "$LAST_DT" "$(date -u +%FT%TZ)" >"$STAMP"
 fi
 # Downloads from inside (pip) need the CA bundle and a resolver.
-install -m 0644 /etc/ssl/certs/ca-certificates.crt "$ROOTFS/etc/ssl/certs/ca-certificates.crt"
-cp -L /etc/resolv.conf "$ROOTFS/etc/resolv.conf" 2>/dev/null || true
+install -m 0644 /etc/ssl/certs/ca-certificates.crt "$PRISTINE/etc/ssl/certs/ca-certificates.crt"
+cp -L /etc/resolv.conf "$PRISTINE/etc/resolv.conf" 2>/dev/null || true
 # A fixed machine id and host name keep systemd quiet and the device recognisable.
-[[ -s "$ROOTFS/etc/machine-id" ]] || tr -d - </proc/sys/kernel/random/uuid >"$ROOTFS/etc/machine-id"
-echo "$DEVICE_ID" >"$ROOTFS/etc/hostname"
-[[ "$PREPARE_ONLY" != "true" ]] || { echo "rootfs ready: $ROOTFS"; exit 0; }
+[[ -s "$PRISTINE/etc/machine-id" ]] || tr -d - </proc/sys/kernel/random/uuid >"$PRISTINE/etc/machine-id"
+echo "$DEVICE_ID" >"$PRISTINE/etc/hostname"
+[[ "$PREPARE_ONLY" != "true" ]] || { echo "rootfs ready: $PRISTINE"; exit 0; }
+grep -qF " $ROOTFS/" /proc/mounts && die "$ROOTFS is in use (mounts under it): another run, or a crashed one to clean up"
+step "a fresh device: copy of the cached rootfs at $ROOTFS"
+rm -rf --one-file-system "$ROOTFS"
+cp -a "$PRISTINE" "$ROOTFS"
+step_done
 
 # --- 3. the wheelhouse: this checkout's wheel + the aarch64 llama-cpp-python wheel ---------------
 WH="$WORK/wheelhouse"
@@ -401,6 +421,14 @@ sysinfo="$(in_ct "$VENV_PY" "$SRC_IN/scripts/arm64_measure.py" sysinfo)"
 record "llama_print_system_info() inside" "$(head -n 1 <<<"$sysinfo")"
 record "CPU features seen inside" "$(sed -n 2p <<<"$sysinfo")"
 
+if [[ "$USE_CHROOT" != "true" ]]; then
+    # Emulation only (see --help): the two namespaces qemu-user cannot create. Not part of provisioning.
+    printf '%s\n' "# Written by scripts/arm64-device.sh: qemu-user cannot set these up (EIO / EINVAL at exec)." \
+        "[Service]" "PrivateIPC=no" "PrivateUsers=no" >"$ROOTFS/etc/systemd/system/edge-agent.service.d/99-qemu-user.conf"
+    in_ct systemctl daemon-reload
+    record "unit changes for emulation" "drop-in PrivateIPC=no, PrivateUsers=no (qemu-user); seccomp settings not enforced under qemu-user"
+fi
+
 # --- 9. start the daemon: time to READY and to the retained "online" status ----------------------
 STATUS_TOPIC="$PREFIX/$DEVICE_ID/status"
 mosquitto_sub -V mqttv5 -h 127.0.0.1 -p "$PORT" -t "$STATUS_TOPIC" -v >"$WORK/status.log" 2>&1 &
@@ -440,14 +468,20 @@ ask() { # ask PAYLOAD → the final reply JSON on stdout
     mosquitto_rr -V mqttv5 -h 127.0.0.1 -p "$PORT" -q 1 -t "$PREFIX/$DEVICE_ID/infer" \
         -e "arm64/reply/$$/$RANDOM" -W 3600 -m "$1"
 }
-step "ask over MQTT 5 (mosquitto_rr)"
-reply="$(ask '{"id":"arm-1","messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":24,"temperature":0}')"
-echo "    $reply"
-step_done
 reply_field() { "$HOST_PY" -c 'import json, sys; r = json.loads(sys.argv[1]); print(eval(sys.argv[2], {}, {"r": r}))' "$1" "$2"; }
-record "answer" "$(reply_field "$reply" 'r.get("text") or r.get("error")')"
-record "decode tokens/s (emulated, not a board's speed)" "$(reply_field "$reply" 'r["timings"]["tokens_per_second"]')"
-record "time to first token (emulated)" "$(reply_field "$reply" 'round(r["timings"]["ttft_ms"] / 1000, 2)') s ($(reply_field "$reply" 'r["usage"]["prompt_tokens"]') prompt tokens)"
+QUESTION='{"messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":24,"temperature":0}'
+# The first request also pays for qemu translating the generation code; the second is the steady state.
+for round in cold warm; do
+    step "ask over MQTT 5 (mosquitto_rr), $round"
+    reply="$(ask "$QUESTION")"
+    echo "    $reply"
+    step_done
+    [[ "$(reply_field "$reply" '"text" in r')" == "True" ]] || die "no answer: $reply"
+    record "answer ($round)" "$(reply_field "$reply" 'r["text"]')"
+    record "decode tokens/s, $round (emulated, not a board's speed)" "$(reply_field "$reply" 'r["timings"]["tokens_per_second"]')"
+    record "time to first token, $round (emulated)" "$(reply_field "$reply" 'round(r["timings"]["ttft_ms"] / 1000, 2)') s ($(reply_field "$reply" 'r["usage"]["prompt_tokens"]') prompt tokens)"
+    record "host load average during the $round answer (2 cores, shared)" "$(cut -d' ' -f1-3 /proc/loadavg)"
+done
 
 # --- 11. estimate vs measured peak RSS -------------------------------------------------------------
 daemon_hwm() { # the daemon's VmHWM in bytes
@@ -486,8 +520,13 @@ if [[ "$RSS" == "true" && "$USE_CHROOT" != "true" ]]; then
         # The same load and prompt in a fresh interpreter: the increase over `import llama_cpp`,
         # with mmap on (as the agent) and off (a repacked tensor would differ between the two).
         probe_on="$(in_ct "$VENV_PY" "$SRC_IN/scripts/arm64_measure.py" probe "$m" --n-ctx "$N_CTX" --fill "$PROMPT_TOKENS")"
-        probe_off="$(in_ct "$VENV_PY" "$SRC_IN/scripts/arm64_measure.py" probe "$m" --n-ctx "$N_CTX" --fill "$PROMPT_TOKENS" --no-mmap)"
+        probe_off="{}"
+        if [[ "$NO_MMAP" == "true" ]]; then
+            probe_off="$(in_ct "$VENV_PY" "$SRC_IN/scripts/arm64_measure.py" probe "$m" --n-ctx "$N_CTX" --fill "$PROMPT_TOKENS" --no-mmap)"
+        fi
         printf '%s\t%s\t%s\t%s\t%s\n' "$(basename "$m")" "$est" "$hwm" "$probe_on" "$probe_off" >>"$ROWS"
+        echo "    estimate $est"
+        echo "    daemon VmHWM $hwm; probe $probe_on; load $(cut -d' ' -f1-3 /proc/loadavg)"
         step_done "peak RSS run: $(basename "$m")"
     done
     [[ "${MEASURE_MODELS[*]: -1}" == "$SERVE" ]] || switch_model "$SERVE"
