@@ -39,7 +39,9 @@ class FleetSettings(Section):
     )
     state_dir: Path = Field(
         Path("/var/lib/edge-agent/fleet"),
-        description="Where executed command ids and seen nonces are persisted (survives restarts).",
+        description="The daemon's persistent state (survives restarts): executed command ids, seen nonces, the "
+        "fleet config overrides (config-overrides.toml) and the attempt counts of redelivered messages "
+        "(quarantine.json).",
     )
     private_key: Path | None = Field(
         None,
