@@ -38,7 +38,7 @@ from agent.fleet.signing import (
 )
 from agent.settings import DEFAULT_CONFIG_PATH, OVERRIDES_FILE_NAME, Settings, layered_settings
 from agent.settings_base import validate_topic_level
-from agent.transport.limits import check_payload, top_level_strings
+from agent.transport.limits import check_payload, check_unicode, top_level_strings
 from agent.transport.mqtt import Incoming, Publish
 from agent.transport.topics import is_concrete_topic
 
@@ -816,6 +816,7 @@ def _decode_object(payload: bytes) -> dict[str, Any]:
         raise BadRequestError(f"payload is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise BadRequestError("payload must be a JSON object")
+    check_unicode(payload, data)
     return data
 
 

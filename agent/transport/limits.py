@@ -167,6 +167,28 @@ class _TopLevel:
 def _decode_string(token: bytes) -> str | None:
     try:
         value = json.loads(token)  # one flat string literal: no recursion possible
-    except ValueError:  # unterminated, bad escape, not UTF-8
+        if isinstance(value, str):
+            value.encode()  # it is echoed in a reply: a lone surrogate ("\ud800") cannot be
+    except ValueError:  # unterminated, bad escape, not UTF-8, not Unicode (UnicodeEncodeError)
         return None
     return value if isinstance(value, str) else None
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def check_unicode(payload: bytes, data: object) -> None:
+    """Raise BadRequestError when ``data`` (parsed from ``payload``) holds a lone UTF-16 surrogate.
+
+    ``json.loads`` accepts ``"\\ud800"`` escapes that are not Unicode text: such a string passes
+    validation and then fails wherever it is encoded (the tokenizer, a reply, a topic). Only payloads
+    with a surrogate escape in them pay for the check (a re-serialisation, bounded by the depth limit).
+    """
+    if b"\\u" not in payload or _SURROGATE_ESCAPE.search(payload) is None:
+        return
+    try:
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError as exc:
+        raise BadRequestError(
+            "payload holds a lone UTF-16 surrogate escape (\\ud800-\\udfff): not Unicode text"
+        ) from exc

@@ -11,8 +11,13 @@ from agent.settings_base import validate_topic_level
 
 
 def is_concrete_topic(topic: str) -> bool:
-    """True when ``topic`` can be published to (no wildcards, no NUL, not empty)."""
-    return bool(topic) and not any(c in topic for c in ("+", "#", "\x00")) and len(topic.encode()) <= 65535
+    """True when ``topic`` can be published to (no wildcards, no NUL, not empty, UTF-8, at most 65,535 bytes)."""
+    if not topic or any(c in topic for c in ("+", "#", "\x00")):
+        return False
+    try:
+        return len(topic.encode()) <= 65535
+    except UnicodeEncodeError:  # a lone surrogate from a JSON "\ud800" escape: no broker takes that topic
+        return False
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.errors import BadRequestError, TooLargeError
-from agent.transport.limits import check_payload, top_level_strings
+from agent.transport.limits import check_payload, check_unicode, top_level_strings
 
 PROTOCOL_VERSION = 1
 MAX_STOP_SEQUENCES = 8
@@ -219,6 +219,7 @@ def _decode_object(payload: bytes) -> dict[str, Any]:
         raise BadRequestError(f"payload is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise BadRequestError("payload must be a JSON object")
+    check_unicode(payload, data)
     return data
 
 
