@@ -312,16 +312,16 @@ class CloudRelay:
             pending.next_seq = (seq if isinstance(seq, int) else pending.next_seq) + 1
             pending.publish(pending.topic, message.payload, qos=1, correlation_data=pending.correlation_data)
             return
-        with self._lock:
-            if self._pending.pop(token, None) is None:  # type: ignore[arg-type]
-                return
         failed = "error" in data
         if not failed:
             data["served_by"] = CLOUD
-        pending.publish(
-            pending.topic, json.dumps(data, ensure_ascii=False).encode(), qos=1,
-            correlation_data=pending.correlation_data,
-        )  # fmt: skip
+        # Encoded while the relay is still pending: if this fails (a lone surrogate, "\ud800"), the
+        # relay thread's handler fails the relay and so still answers the caller once.
+        body = json.dumps(data, ensure_ascii=False).encode()
+        with self._lock:
+            if self._pending.pop(token, None) is None:  # type: ignore[arg-type]
+                return
+        pending.publish(pending.topic, body, qos=1, correlation_data=pending.correlation_data)
         outcome = RelayOutcome(pending.request_id, "error" if failed else "served", self._ms_since(pending.started),
                                chunks=pending.next_seq)  # fmt: skip
         log.info("relay_done", id=pending.request_id, result=outcome.result, relay_ms=round(outcome.relay_ms, 1),
