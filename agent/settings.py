@@ -276,6 +276,8 @@ def read_toml(path: Path, what: str = "config file") -> dict[str, Any] | None:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid TOML in {what} {path}: {exc}") from exc
+    except RecursionError as exc:  # tomllib recurses once per nested array/table: a damaged file
+        raise ConfigError(f"invalid TOML in {what} {path}: nested too deep") from exc
 
 
 def overrides_path_for(document: Mapping[str, Any], env: Mapping[str, Any]) -> Path:

@@ -108,7 +108,7 @@ class QuarantineStore:
                          "bytes": int(v.get("bytes", 0)), "at": float(v.get("at", 0.0))}
                 for k, v in sorted(data.items(), key=lambda kv: float(kv[1].get("at", 0.0)))
             }
-        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
             # Losing the counts only lets a poison message run a few more times; refusing to start
             # over a damaged file would be worse.
             log.warning("quarantine_store_corrupt", path=str(self._path), error=f"{type(exc).__name__}: {exc}")

@@ -51,7 +51,7 @@ def _parse(line: bytes) -> Buffered | None:
     try:
         data = json.loads(line)
         return Buffered(ts=float(data["ts"]), topic=str(data["topic"]), payload=str(data["payload"]).encode())
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):  # a damaged line: skipped
         return None
 
 
