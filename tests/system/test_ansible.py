@@ -1,0 +1,150 @@
+"""A second fresh device provisioned by the Ansible role (site.yml), from the host as the controller.
+
+The play reaches the booted device through ``community.docker.nsenter`` (into the container's PID 1),
+so it provisions a real systemd system: the role starts the unit and its handlers restart it. Fake
+secrets (an MQTT password and an HF token) go in as extra vars, as Vault values would; no run may
+print them, ``--check --diff`` included.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.support.broker import Broker
+from tests.support.fake_hub import FakeHub
+from tests.system.device import NOT_SOURCE, REPO, Device, DeviceError
+from tests.system.provision import Play, ansible_tool, nsenter_connection_available, playbook, write_inventory
+from tests.system.report import record
+from tests.system.serving import MAX_EXPOSURE, exposure, serving
+
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.slow,
+    pytest.mark.timeout(1800),
+    pytest.mark.skipif(ansible_tool("ansible-playbook") is None,
+                       reason="ansible-core missing: pip install -e '.[provisioning]'"),
+    pytest.mark.skipif(not nsenter_connection_available(),
+                       reason="community.docker (nsenter connection) missing: pip install 'ansible>=12,<13'"),
+]
+
+FAKE_MQTT_PASSWORD = "vault-mqtt-pw-SYSTEST-51be"  # noqa: S105 - fake secrets that must never be printed
+FAKE_HF_TOKEN = "hf_SYSTESTvaultToken0d4e"  # noqa: S105
+
+
+@dataclass
+class Fleet:
+    """The provisioned device and every play run against it so far."""
+
+    device: Device
+    device_id: str
+    port: int
+    inventory: Path
+    extra: dict[str, object]
+    work: Path
+    plays: list[Play] = field(default_factory=list)
+
+    def play(self, *flags: str) -> Play:
+        # The container's PID 1 changes with every boot: rewrite the inventory each time.
+        write_inventory(self.inventory, self.device, self.device_id)
+        run = playbook(self.inventory, self.extra, self.work, *flags)
+        self.plays.append(run)
+        return run
+
+
+@pytest.fixture(scope="module")
+def fleet(make_device: Callable[[str], Device], device_wheels: Path, hub: FakeHub, host_broker: Broker,
+          tmp_path_factory: pytest.TempPathFactory) -> Fleet:
+    """A fresh device (with login user alice) after one run of site.yml."""
+    device = make_device("b")
+    device.run(["useradd", "--create-home", "--shell", "/bin/bash", "alice"])
+    work = tmp_path_factory.mktemp("ansible")
+    # A snapshot of the checkout: what the role copies (the unit) must not change between runs.
+    source = work / "source"
+    shutil.copytree(REPO, source, ignore=NOT_SOURCE)
+    extra: dict[str, object] = {
+        "edge_agent_source_dir": str(source),
+        # The controller's wheelhouse already holds this checkout's wheel (built and cached by the suite).
+        "edge_agent_wheelhouse": str(device_wheels),
+        "edge_agent_build_wheel": False,
+        "edge_agent_pip_offline": True,
+        "edge_agent_build_from_source": False,
+        "edge_agent_model": "smollm2-135m-instruct",
+        "edge_agent_hub_endpoint": hub.endpoint,
+        "edge_agent_prepull": True,
+        "edge_agent_operators": ["alice"],
+        "edge_agent_mqtt_host": "127.0.0.1",
+        "edge_agent_mqtt_port": host_broker.port,
+        "edge_agent_mqtt_username": "edge",
+        "edge_agent_mqtt_password": FAKE_MQTT_PASSWORD,
+        "edge_agent_hf_token": FAKE_HF_TOKEN,
+    }
+    state = Fleet(device, device.name, host_broker.port, work / "inventory.ini", extra, work)
+    first = state.play()
+    record("ansible first run (s)", first.seconds)
+    record("ansible first run recap", first.recap)
+    if first.result.returncode != 0:
+        raise DeviceError(f"site.yml failed (exit {first.result.returncode}):\n{first.output[-8000:]}")
+    return state
+
+
+def test_role_installs_a_hardened_service_that_answers(fleet: Fleet, hub: FakeHub) -> None:
+    """After site.yml: active, READY with a STATUS= text, retained status online, answers; exposure <= 1.5."""
+    d = fleet.device
+    assert fleet.plays[0].recap["changed"] > 0, fleet.plays[0].output[-3000:]
+    up = serving(d, fleet.port, fleet.device_id)
+    record("scenario 2: StatusText", up["show"]["StatusText"])
+    level = exposure(d)
+    record("scenario 2: systemd-analyze security exposure", level)
+    assert level <= MAX_EXPOSURE
+    assert d.run(["dpkg-query", "-W", "-f=${Status}", "libgomp1"], check=False).stdout == "install ok installed"
+    assert "edge-agent" in d.run(["id", "-nG", "alice"]).stdout.split()
+    answer = d.run(["edge-agent", "ask", "--max-tokens", "8", "Hello from alice"], user="alice", timeout=120,
+                   check=False)
+    assert answer.returncode == 0, answer.stdout + answer.stderr
+    # Pre-pulled during the play with the hf_token credential, before the service started.
+    assert any(r.authorization == f"Bearer {FAKE_HF_TOKEN}" for r in hub.log if r.server == "hub")
+
+
+def test_second_run_changes_nothing(fleet: Fleet) -> None:
+    """A second run of site.yml against the provisioned device: changed=0, and the service was not restarted."""
+    main_pid = fleet.device.show()["MainPID"]
+    second = fleet.play()
+    record("ansible second run (s)", second.seconds)
+    record("ansible second run recap", second.recap)
+    assert second.result.returncode == 0, second.output[-6000:]
+    assert second.recap["changed"] == 0, second.output[-6000:]
+    assert fleet.device.show()["MainPID"] == main_pid
+
+
+def test_check_diff_predicts_no_change(fleet: Fleet) -> None:
+    """`--check --diff` against the provisioned device exits 0 and predicts changed=0 (nothing would restart)."""
+    check = fleet.play("--check", "--diff")
+    record("ansible --check --diff (s)", check.seconds)
+    record("ansible --check --diff recap", check.recap)
+    assert check.result.returncode == 0, check.output[-6000:]
+    changed = [line for line in check.output.splitlines() if line.startswith(("changed:", "TASK [", "RUNNING HANDLER"))]
+    would_change = [changed[i - 1] for i, line in enumerate(changed) if line.startswith("changed:") and i > 0]
+    assert check.recap["changed"] == 0, f"--check reports changes in: {would_change}"
+
+
+def test_no_run_prints_a_secret(fleet: Fleet) -> None:
+    """No play output (normal, rerun, --check --diff) holds the MQTT password or the HF token; neither do the
+    journal nor agent.toml; the credentials are root-only files."""
+    if not any("--check" in run.result.args for run in fleet.plays):
+        fleet.play("--check", "--diff")
+    for run in fleet.plays:
+        assert FAKE_MQTT_PASSWORD not in run.output
+        assert FAKE_HF_TOKEN not in run.output
+    d = fleet.device
+    for text in (d.journal(), (d.root / "etc/edge-agent/agent.toml").read_text()):
+        assert FAKE_MQTT_PASSWORD not in text
+        assert FAKE_HF_TOKEN not in text
+    modes = d.run(["stat", "-c", "%U:%G %a %n", "/etc/edge-agent/credentials/mqtt_password",
+                   "/etc/edge-agent/credentials/hf_token"]).stdout
+    assert "root:root 600 /etc/edge-agent/credentials/mqtt_password" in modes
+    assert "root:root 600 /etc/edge-agent/credentials/hf_token" in modes
