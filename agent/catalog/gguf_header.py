@@ -14,6 +14,7 @@ llama.cpp's converters use, so new quant types arrive with a ``gguf`` upgrade ra
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +41,7 @@ MAX_STORED_ARRAY: Final[int] = 4096
 _MAX_STRING_BYTES: Final[int] = 64 << 20
 _MAX_COUNT: Final[int] = 1 << 40
 _MAX_DIMS: Final[int] = 8
+_MAX_ARRAY_NESTING: Final[int] = 8  # llama.cpp reads no nested arrays at all; each level is a Python frame
 
 # llama.cpp's per-architecture default sliding-window pattern when the file gives none:
 # (period, dense_first), see load_swa_pattern() calls in llama.cpp's src/models/*.cpp.
@@ -204,7 +206,7 @@ _SCALAR_FORMATS: Final[dict[int, str]] = {
 }
 
 
-def _read_value(r: _Reader, vtype: int, *, keep: bool = True) -> Any:  # noqa: PLR0911 -- one per type
+def _read_value(r: _Reader, vtype: int, *, keep: bool = True, depth: int = 0) -> Any:  # noqa: PLR0911 -- one per type
     if vtype in _SCALAR_FORMATS:
         return r.unpack(_SCALAR_FORMATS[vtype])
     if vtype == gguf.GGUFValueType.STRING:
@@ -228,7 +230,9 @@ def _read_value(r: _Reader, vtype: int, *, keep: bool = True) -> Any:  # noqa: P
         if etype == gguf.GGUFValueType.STRING and not store:
             r.skip_strings(count)
             return _SkippedArray(count)
-        items = [_read_value(r, etype, keep=store) for _ in range(count)]
+        if etype == gguf.GGUFValueType.ARRAY and depth >= _MAX_ARRAY_NESTING:
+            raise GgufFormatError(f"GGUF arrays nested deeper than {_MAX_ARRAY_NESTING} at offset {r.pos}: corrupt")
+        items = [_read_value(r, etype, keep=store, depth=depth + 1) for _ in range(count)]
         return items if store else _SkippedArray(count)
     raise GgufFormatError(f"unknown GGUF value type {vtype} at offset {r.pos}: the file is corrupt")
 
@@ -299,9 +303,14 @@ def parse_header(buf: bytes | bytearray | memoryview) -> GgufInfo:
                 name=name, dims=dims, ggml_type=ggml_type, type_name=type_name, offset=offset, n_bytes=n_bytes
             )
         )
-    alignment = _as_int(metadata.get("general.alignment")) or DEFAULT_ALIGNMENT
-    data_offset = -(-r.pos // alignment) * alignment
-    return _build_info(version, metadata, tensors, alignment, data_offset)
+    try:
+        alignment = _as_int(metadata.get("general.alignment")) or DEFAULT_ALIGNMENT
+        data_offset = -(-r.pos // alignment) * alignment
+        return _build_info(version, metadata, tensors, alignment, data_offset)
+    except GgufFormatError:
+        raise
+    except (ValueError, TypeError, ArithmeticError, LookupError) as exc:  # int(NaN), a string where a count is
+        raise GgufFormatError(f"GGUF metadata of the wrong kind ({type(exc).__name__}: {exc}): corrupt file") from exc
 
 
 def _as_int(value: Any) -> int | None:
@@ -417,13 +426,15 @@ def read_local(path: Path, *, initial_bytes: int = INITIAL_READ_BYTES) -> GgufIn
     path = Path(path)
     try:
         with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
             buf = f.read(initial_bytes)
             while True:
                 try:
                     return parse_header(buf)
                 except NeedMoreBytes as more:
-                    want = max(more.needed, 2 * len(buf))
-                    chunk = f.read(want - len(buf))
+                    # Never read past the file: a corrupt count can ask for terabytes (a MemoryError).
+                    want = min(max(more.needed, 2 * len(buf)), max(size, len(buf)))
+                    chunk = f.read(want - len(buf)) if more.needed <= size else b""
                     if len(buf) + len(chunk) < more.needed:
                         raise GgufFormatError(
                             f"{path}: file ends inside the GGUF header "
