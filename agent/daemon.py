@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
@@ -230,7 +231,8 @@ class Daemon:
         service.served_by = "cloud" if settings.role == "cloud" else settings.device_id
         self._service = service
         if settings.cloud.enabled and settings.role == "edge":
-            self._relay = CloudRelay(settings.cloud, prefix=self._prefix, device_id=settings.device_id)
+            self._relay = CloudRelay(settings.cloud, prefix=self._prefix, device_id=settings.device_id,
+                                     on_tls_failed=lambda f: self.emit_event("cloud_tls_failed", f.reason, {}))
             service.router = self._route
         if self._fleet_subscribed:
             link.subscribe([(self.fleet_infer, 1)])
@@ -316,6 +318,7 @@ class Daemon:
         tick = min(TICK_S, interval) if interval else TICK_S
         last_ping = 0.0
         next_telemetry = time.monotonic() + 1.0
+        next_expiry = 0.0
         infer, cancel = self._topics.infer, self._topics.infer_cancel
         shared = {f"{self._prefix}/fleet/infer"}
         if self.cloud_infer:
@@ -347,6 +350,10 @@ class Daemon:
                 self._notifier.watchdog()
                 last_ping = now
             self._check_failover(now)
+            if now >= next_expiry:
+                # A queued request past its deadline is answered now, not when it reaches the head.
+                next_expiry = now + 0.5
+                run_logged(partial(service.expire_queued, now), "expire_queued_failed")
             if isinstance(event, Incoming):
                 if event.topic == infer or event.topic in shared:
                     bulkhead.run(event, service.submit, service.refuse, charge=False)  # charged when it starts
@@ -406,7 +413,7 @@ class Daemon:
     def _on_link_event(self, event: Connected | Disconnected) -> None:
         infer = self._topics.infer
         if isinstance(event, Disconnected):
-            self._notifier.status("broker unreachable; reconnecting")
+            self._notifier.status(event.status_line)  # a TLS failure says which and how to fix it
             return
         link = self._link
         if self._buffer is not None and link is not None:

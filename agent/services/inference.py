@@ -302,6 +302,17 @@ class InferenceService:
             return
         log.info("cancel_unknown", id=cancel.id)
 
+    def expire_queued(self, now: float) -> int:
+        """Answer 'timeout' now to queued requests whose deadline passed, instead of when they reach the
+        head of the queue (behind a long generation that could be minutes). Returns how many."""
+        expired = self._queue.remove_all(lambda j: j.deadline is not None and now >= j.deadline)
+        for job in expired:
+            with self._lock:
+                self._in_system -= 1
+                self._pending.pop(job.dedup_key, None)
+            self._finish_error(job, DeadlineExceededError("the request's deadline passed while it waited in the queue"))
+        return len(expired)
+
     def shutdown(self, grace_s: float) -> None:
         """Stop admitting, answer queued requests 'cancelled', give the running one ``grace_s``."""
         self._accepting = False

@@ -90,6 +90,14 @@ class BoundedQueue(Generic[T]):
                     return item
         return None
 
+    def remove_all(self, match: Callable[[T], bool]) -> list[T]:
+        """Take every waiting item that matches (in queue order); the rest keep their places."""
+        with self._cond:
+            taken = [item for item in self._items if match(item)]
+            if taken:
+                self._items = deque(item for item in self._items if not match(item))
+            return taken
+
     def close(self) -> list[T]:
         """Stop accepting; return what was still waiting (the caller answers them)."""
         with self._cond:

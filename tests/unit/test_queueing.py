@@ -49,3 +49,13 @@ def test_remove_first_and_close() -> None:
     assert q.close() == [0, 1, 3]
     assert not q.offer(9)
     assert q.take(0.01) is None
+
+
+def test_remove_all_takes_every_match_and_keeps_the_order_of_the_rest() -> None:
+    """remove_all hands back the matching items in queue order; the others stay queued in order."""
+    q: BoundedQueue[int] = BoundedQueue(capacity=6)
+    for i in range(6):
+        q.offer(i)
+    assert q.remove_all(lambda x: x % 2 == 0) == [0, 2, 4]
+    assert q.remove_all(lambda x: x > 10) == []
+    assert [q.take(0) for _ in range(3)] == [1, 3, 5]
