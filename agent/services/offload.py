@@ -34,6 +34,7 @@ from agent.errors import BadRequestError
 from agent.services.cloud_settings import CloudSettings
 from agent.transport.limits import check_payload
 from agent.transport.mqtt import Connected, Disconnected, Incoming, LinkEvent, MqttLink
+from agent.transport.tls import TlsFailure
 from agent.transport.wire import error_payload
 
 log = structlog.get_logger("agent.offload")
@@ -170,8 +171,10 @@ class CloudRelay:
         prefix: str,
         device_id: str,
         clock: Callable[[], float] = time.monotonic,
+        on_tls_failed: Callable[[TlsFailure], None] | None = None,
     ) -> None:
         self._settings = settings
+        self._on_tls_failed = on_tls_failed  # the cloud link's TLS failure, once per new reason (any thread)
         self._device_id = device_id
         self._clock = clock
         self.infer_topic = settings.infer_topic_for(prefix)
@@ -183,6 +186,7 @@ class CloudRelay:
             mqtt.client_id or f"edge-agent-{device_id}-relay",
             self._events.put,
             password_credential="cloud_mqtt_password",  # noqa: S106 - a credential file name
+            name="cloud",
         )
         self._pending: dict[bytes, _Pending] = {}
         self._lock = threading.Lock()
@@ -286,6 +290,8 @@ class CloudRelay:
                     self._relay(event)
                 elif isinstance(event, Disconnected):
                     self._fail_all("disconnected", "the cloud broker connection was lost; try again later")
+                    if event.tls is not None and not event.repeat and self._on_tls_failed is not None:
+                        self._on_tls_failed(event.tls)
                 elif isinstance(event, Connected):
                     log.info("relay_connected", broker=f"{self._settings.host}:{self._settings.port}")
                 self._expire()

@@ -110,6 +110,7 @@ EventKind = Literal[
     "swap_finished",
     "swap_failed",
     "message_quarantined",
+    "cloud_tls_failed",
 ]
 
 

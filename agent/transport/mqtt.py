@@ -4,13 +4,16 @@ paho callbacks run on paho's network thread and do nothing but convert what arri
 frozen types and hand them to ``on_event`` (which must not block: the daemon passes ``queue.put``).
 Reconnect with backoff is paho's; re-subscribing after every (re)connect is ours, because a broker
 that lost our session (restart without persistence, expired session) would otherwise leave us deaf.
+
+With ``tls = true`` every attempt is a verified TLS handshake (agent/transport/tls.py); a failed one
+is logged as ``mqtt_tls_failed`` with a reason and handed on as :class:`Disconnected` with ``tls``
+set, then retried with the same backoff. Nothing here ever connects without TLS instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -25,8 +28,19 @@ from paho.mqtt.properties import Properties
 from agent.errors import TransportError
 from agent.settings import MqttSettings
 from agent.settings_base import credentials_dir
+from agent.transport.tls import (
+    TlsContext,
+    TlsFailure,
+    classify,
+    client_context,
+    credential_key,
+    is_loopback,
+    probe_client_certificate,
+)
 
 log = structlog.get_logger("agent.transport")
+
+_TLS_LOG_EVERY_S = 300.0  # a TLS failure that persists is logged again at error level this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +66,19 @@ class Connected:
 
 @dataclass(frozen=True, slots=True)
 class Disconnected:
+    """The connection was lost, or an attempt failed on TLS (``tls`` set: a configuration problem, retried)."""
+
     reason: str
+    tls: TlsFailure | None = None
+    broker: str = ""  # host:port of the link
+    repeat: bool = False  # the same TLS failure as the previous attempt (already logged)
+
+    @property
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=."""
+        if self.tls is None:
+            return "broker unreachable; reconnecting"
+        return f"TLS to broker {self.broker} failed: {self.tls.reason} ({self.tls.hint}); retrying, never without TLS"
 
 
 LinkEvent = Incoming | Connected | Disconnected
@@ -124,6 +150,11 @@ class MqttLink:
         self._persistent = persistent_session
         self._manual_ack = manual_ack
         self.client_id = client_id
+        self._tls: TlsContext | None = None
+        self._tls_failure: TlsFailure | None = None  # the latest attempt's, until a connect succeeds
+        self._tls_logged_at = 0.0
+        self._session_opened = False  # this attempt got through the TLS handshake
+        self._connack_seen = False  # ... and the broker answered CONNECT
         self._client = paho.Client(
             paho.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]  # paho re-exports it untyped
             client_id=client_id,
@@ -144,16 +175,14 @@ class MqttLink:
             # Each broker has its own credential name, so the cloud link never sends the local password.
             self._client.username_pw_set(settings.username, _password(settings, password_credential))
         if settings.tls:
-            key_file = settings.key_file
-            creds = credentials_dir()
-            if key_file is None and settings.cert_file and creds is not None and (creds / "tls_key").is_file():
-                key_file = creds / "tls_key"  # the private key as a systemd credential, never in /etc
-            self._client.tls_set(
-                ca_certs=str(settings.ca_file) if settings.ca_file else None,
-                certfile=str(settings.cert_file) if settings.cert_file else None,
-                keyfile=str(key_file) if key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
+            # The private key may come as the systemd credential tls_key, never from /etc.
+            key_file = credential_key(settings.cert_file, settings.key_file, credentials_dir())
+            self._tls = client_context(settings.ca_file, settings.cert_file, key_file,
+                                       section="mqtt" if name == "primary" else "cloud")
+            self._client.tls_set_context(self._tls)
+        elif not is_loopback(settings.host):
+            log.warning("mqtt_plaintext", link=name, host=settings.host, port=settings.port,
+                        password=bool(settings.username), hint="set tls = true to encrypt and verify the broker")
         if will is not None:
             self._client.will_set(will[0], will[1], qos=1, retain=True)
         self._client.on_connect = self._handle_connect
@@ -161,6 +190,9 @@ class MqttLink:
         self._client.on_message = self._handle_message
         self._client.on_socket_open = self._handle_socket_open
         self._client.on_subscribe = self._handle_subscribe
+        self._client.on_pre_connect = self._handle_pre_connect
+        self._client.on_connect_fail = self._handle_connect_fail
+        self._client.on_publish = self._handle_publish
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -265,7 +297,22 @@ class MqttLink:
 
     # -- paho callbacks (network thread) -----------------------------------------------------------
 
+    def _handle_pre_connect(self, client: paho.Client, userdata: Any) -> None:
+        self._session_opened = self._connack_seen = False
+        if self._tls is not None:
+            self._tls.take_error()
+
+    def _handle_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        # TCP connect or TLS handshake failed (paho passes no exception: the context kept it).
+        if self._tls is None or self._stopping:
+            return
+        error = self._tls.take_error()
+        failure = classify(error[0], error[1]) if error is not None else None
+        if failure is not None:
+            self._report_tls(failure)
+
     def _handle_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._session_opened = True  # called after the TLS handshake, when there is one
         # Nagle + delayed ACK cost ~90 ms per QoS 1 round trip on loopback; measured in issue 2.
         with contextlib.suppress(OSError, AttributeError):  # not a TCP socket (e.g. websockets)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -273,6 +320,7 @@ class MqttLink:
     def _handle_connect(
         self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
     ) -> None:
+        self._connack_seen = True
         if reason_code.is_failure:
             log.warning("mqtt_connect_refused", reason=str(reason_code))
             return
@@ -284,6 +332,7 @@ class MqttLink:
         else:
             self._subscribed.set()
         self._connected.set()
+        self._tls_failure = None
         session_present = bool(getattr(flags, "session_present", False))
         log.info(
             "mqtt_connected",
@@ -307,6 +356,15 @@ class MqttLink:
             log.warning("mqtt_subscribe_refused", reasons=failed)
         self._subscribed.set()
 
+    def _handle_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason_code: Any, properties: Any
+    ) -> None:
+        # MQTT 5 brokers say when they drop a QoS 1 message (an ACL, a quota); 3.1.1 brokers cannot.
+        if getattr(reason_code, "is_failure", False):
+            message = client._out_messages.get(mid)  # still there while paho calls us
+            log.warning("mqtt_publish_refused", link=self.name, topic=getattr(message, "topic", None),
+                        reason=str(reason_code))
+
     def _handle_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
     ) -> None:
@@ -317,7 +375,37 @@ class MqttLink:
             return
         if was_connected:
             log.warning("mqtt_disconnected", link=self.name, reason=str(reason_code))
+        elif self._tls is not None and self._session_opened and not self._connack_seen:
+            # Closed between the handshake and CONNACK: with TLS 1.3, how a refused client certificate looks.
+            failure = self._session_failure()
+            if failure is not None:
+                self._report_tls(failure)
+                return
         self._on_event(Disconnected(reason=str(reason_code)))
+
+    def _session_failure(self) -> TlsFailure | None:
+        assert self._tls is not None
+        error = self._tls.take_error()
+        failure = classify(error[0], error[1]) if error is not None else None
+        if failure is None:
+            # The broker's alert was lost to its reset (we were sending CONNECT): ask again, sending nothing.
+            failure = probe_client_certificate(self._settings.host, self._settings.port, self._tls, timeout=1.0)
+        return failure
+
+    def _report_tls(self, failure: TlsFailure) -> None:
+        """Log a TLS failure (again only when its reason changes, or every few minutes) and hand it on."""
+        now = time.monotonic()
+        previous = self._tls_failure
+        repeat = previous is not None and previous.reason == failure.reason
+        self._tls_failure = failure
+        broker = f"{self._settings.host}:{self._settings.port}"
+        if not repeat or now - self._tls_logged_at >= _TLS_LOG_EVERY_S:
+            self._tls_logged_at = now
+            log.error("mqtt_tls_failed", link=self.name, broker=broker, reason=failure.reason, detail=failure.detail,
+                      hint=failure.hint)
+        else:
+            log.debug("mqtt_tls_failed", link=self.name, broker=broker, reason=failure.reason, repeat=True)
+        self._on_event(Disconnected(reason=f"tls:{failure.reason}", tls=failure, broker=broker, repeat=repeat))
 
     def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         try:
