@@ -34,14 +34,32 @@ def wait_port(port: int, timeout: float = 10.0, *, open_: bool = True) -> None:
     raise TimeoutError(f"port {port} not {'open' if open_ else 'closed'} after {timeout}s")
 
 
+@dataclass(frozen=True)
+class ListenerTls:
+    """TLS on the broker's listener: its certificate and key, and the CA it checks client certificates with."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    require_certificate: bool = False  # mTLS: refuse clients without a certificate from ``ca``
+    use_identity_as_username: bool = False  # the client certificate's CN becomes the MQTT user name
+
+
 @dataclass
 class Broker:
-    """One mosquitto process; ``restart()`` keeps the port (and, with persistence, the sessions)."""
+    """One mosquitto process; ``restart()`` keeps the port (and, with persistence, the sessions).
+
+    ``tls`` makes the one listener a TLS listener; ``allow_anonymous`` and ``extra`` (further
+    mosquitto.conf lines, e.g. ``acl_file``/``password_file``) shape who may connect and do what.
+    """
 
     workdir: Path
     port: int = field(default_factory=free_port)
     persistence: bool = False
     proc: subprocess.Popen[bytes] | None = None
+    tls: ListenerTls | None = None
+    allow_anonymous: bool = True
+    extra: tuple[str, ...] = ()
 
     @property
     def config_path(self) -> Path:
@@ -49,9 +67,17 @@ class Broker:
 
     def write_config(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        lines = [
-            f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
+        lines = [f"listener {self.port} 127.0.0.1"]
+        if self.tls is not None:
+            lines += [
+                f"certfile {self.tls.cert}",
+                f"keyfile {self.tls.key}",
+                f"cafile {self.tls.ca}",
+                f"require_certificate {'true' if self.tls.require_certificate else 'false'}",
+                f"use_identity_as_username {'true' if self.tls.use_identity_as_username else 'false'}",
+            ]
+        lines += [
+            f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
             "set_tcp_nodelay true",
             "max_queued_messages 10000",
             f"persistence {'true' if self.persistence else 'false'}",
@@ -62,6 +88,7 @@ class Broker:
             # Started as root, mosquitto drops to the 'mosquitto' user, which cannot write its
             # persistence file into pytest's private tmp dir; stay the current user (ignored otherwise).
             f"user {getpass.getuser()}",
+            *self.extra,
         ]
         self.config_path.write_text("\n".join(lines) + "\n")
 

@@ -6,6 +6,7 @@ import json
 import os
 import queue
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -124,7 +125,9 @@ class DaemonProcess:
 class Client:
     """A real paho client for tests: MQTT 5 with Response Topic, or 3.1.1 with ``reply_to``."""
 
-    def __init__(self, port: int, *, protocol: int = paho.MQTTv5, client_id: str | None = None) -> None:
+    def __init__(self, port: int, *, protocol: int = paho.MQTTv5, client_id: str | None = None,
+                 tls: ssl.SSLContext | None = None, username: str | None = None, password: str | None = None,
+                 host: str = "127.0.0.1") -> None:
         self.protocol = protocol
         self.messages: queue.Queue[paho.MQTTMessage] = queue.Queue()
         self.client_id = client_id or f"test-{uuid.uuid4().hex[:8]}"
@@ -133,7 +136,11 @@ class Client:
         self.c.on_message = lambda c, u, m: self.messages.put(m)
         self.c.on_subscribe = lambda *a: self._subscribed.set()
         self.c.on_socket_open = lambda c, u, s: s.setsockopt(6, 1, 1)  # TCP_NODELAY
-        self.c.connect("127.0.0.1", port)
+        if tls is not None:
+            self.c.tls_set_context(tls)
+        if username is not None:
+            self.c.username_pw_set(username, password)
+        self.c.connect(host, port)
         self.c.loop_start()
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
