@@ -24,12 +24,16 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 MiB = 1024 * 1024
 SEED_TEXT = "The quick brown fox jumps over the lazy dog near the river bank. "
 N_GEN = 8
-_BUFFER_RE = re.compile(r"(?P<what>[A-Za-z_0-9 ]+?) (?:model |compute |KV )?buffer size =\s+(?P<mib>[0-9.]+) MiB")
+# llama.cpp's load log: "load_tensors:   CPU_REPACK model buffer size =    12.34 MiB", "... CPU KV buffer size".
+_BUFFER_RE = re.compile(
+    r"(?P<what>[A-Za-z_0-9]+)\s+(?P<kind>model |compute |KV |output )?buffer size =\s+(?P<mib>[0-9.]+) MiB"
+)
 
 
 def _status_bytes(key: str) -> int:
@@ -104,7 +108,10 @@ def probe(model: Path, n_ctx: int, fill: int, *, use_mmap: bool) -> None:
             seed = llm.tokenize(SEED_TEXT.encode(), add_bos=False)
             n_prompt = max(1, fill - N_GEN)
             ids = [llm.token_bos(), *(seed * (n_prompt // len(seed) + 1))[: n_prompt - 1]]
-            llm.create_completion(prompt=ids, max_tokens=N_GEN, temperature=0.0)
+            # Streamed, to time llama-cpp-python alone (prompt, then each token) next to the daemon's figures.
+            started = time.perf_counter()
+            stamps = [time.perf_counter() for _ in llm.create_completion(
+                prompt=ids, max_tokens=N_GEN, temperature=0.0, stream=True)]
         finally:
             os.dup2(saved, 2)
             os.close(saved)
@@ -112,40 +119,58 @@ def probe(model: Path, n_ctx: int, fill: int, *, use_mmap: bool) -> None:
         text = log.read().decode(errors="replace")
     buffers: dict[str, float] = {}
     for m in _BUFFER_RE.finditer(text):
-        key = " ".join(m.group("what").split())
+        key = f"{m.group('what')} {(m.group('kind') or '').strip()}".strip()
         buffers[key] = round(buffers.get(key, 0.0) + float(m.group("mib")), 2)
     peak = max(_status_bytes("VmHWM"), _status_bytes("VmRSS"))
     print(json.dumps({
         "use_mmap": use_mmap, "threads": threads, "n_prompt": len(ids), "baseline_rss": baseline,
         "after_load_rss": after_load, "peak_rss": peak, "increase": peak - baseline,
         "buffers_mib": buffers, "repacked": any("REPACK" in k.upper() for k in buffers),
+        "ttft_s": round(stamps[0] - started, 2) if stamps else None,
+        "decode_tokens_per_s": round((len(stamps) - 1) / (stamps[-1] - stamps[0]), 3) if len(stamps) > 1 else None,
     }))
 
 
+def _mib(n: float) -> str:
+    return f"{n / MiB:.1f}"
+
+
 def table(rows_file: Path) -> None:
-    """Markdown table from rows ``name\\testimate-json\\tdaemon-hwm\\tprobe-mmap-json\\tprobe-nommap-json``."""
-    print("Estimate vs measured peak RSS (n_ctx 2048, the long prompt, 8 generated tokens). "
-          "`estimate` is the planner's (aarch64 repack set); `increase` is peak RSS minus the "
-          "interpreter after `import llama_cpp`, in a fresh process with the agent's Llama arguments.")
+    """Markdown table from rows ``name\testimate-json\tdaemon-hwm\tprobe-mmap-json\tprobe-nommap-json``.
+
+    The no-mmap probe is ``{}`` when it was not run.
+    """
+    print("Estimate vs measured peak RSS (n_ctx 2048, the long prompt, 8 generated tokens). `estimate` is the "
+          "planner's (aarch64 repack set); `increase` is peak RSS minus the interpreter after `import llama_cpp`, "
+          "in a fresh process with the agent's Llama arguments (use_mmap on, as the agent).")
     print()
-    print("| model | estimate | of it repacked | estimate w/o repack | increase mmap on | mmap off | "
-          "CPU_REPACK buffer | estimate error | w/o repack error | daemon VmHWM | estimate + process overhead |")
+    print("| model | estimate | of it repacked | estimate w/o repack | increase (mmap on) | mmap off | "
+          "repack buffer | estimate error | w/o repack error | daemon VmHWM | estimate + process overhead |")
     print("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
+    details = []
     for line in rows_file.read_text(encoding="utf-8").splitlines():
         name, est_s, hwm_s, on_s, off_s = line.split("\t")
         est, on, off = json.loads(est_s), json.loads(on_s), json.loads(off_s)
         got = on["increase"]
         err = 100.0 * (est["estimate_bytes"] - got) / got
         err_bare = 100.0 * (est["estimate_no_repack_bytes"] - got) / got
+        repack = "CPU_REPACK" if on.get("repacked") or off.get("repacked") else "none"
         print(
-            f"| {name} | {est['estimate_bytes'] / MiB:.1f} | {est['terms']['repacked_weights'] / MiB:.1f} | "
-            f"{est['estimate_no_repack_bytes'] / MiB:.1f} | {got / MiB:.1f} | {off['increase'] / MiB:.1f} | "
-            f"{'yes' if on['repacked'] or off['repacked'] else 'none'} | {err:+.1f} % | {err_bare:+.1f} % | "
-            f"{int(hwm_s) / MiB:.1f} | {est['total_bytes'] / MiB:.1f} |"
+            f"| {name} | {_mib(est['estimate_bytes'])} | {_mib(est['terms']['repacked_weights'])} | "
+            f"{_mib(est['estimate_no_repack_bytes'])} | {_mib(got)} | "
+            f"{_mib(off['increase']) if 'increase' in off else 'not run'} | {repack} | {err:+.1f} % | "
+            f"{err_bare:+.1f} % | {_mib(int(hwm_s))} | {_mib(est['total_bytes'])} |"
+        )
+        details.append(
+            f"- {name}: {on.get('n_prompt')} prompt tokens, baseline {_mib(on['baseline_rss'])} MiB, "
+            f"llama.cpp buffers (MiB) {on.get('buffers_mib')}; llama-cpp-python alone: first token after "
+            f"{on.get('ttft_s', '?')} s, {on.get('decode_tokens_per_s', '?')} tokens/s"
         )
     print()
     print("All sizes in MiB. Error = (estimate - increase with mmap on) / increase. Under qemu-user the "
           "process also holds the emulator and its translated code, in the baseline and in VmHWM.")
+    print()
+    print("\n".join(details))
 
 
 def main() -> int:
