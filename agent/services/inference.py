@@ -270,10 +270,14 @@ class InferenceService:
             pending = self._pending.get(key)
             if pending is not None:
                 # Redelivered while still queued/running: the final reply acknowledges this delivery.
-                pending.message = message
+                replaced, pending.message = pending.message, message
         log.info("request_duplicate", id=request.id, dup=message.dup, in_progress=pending is not None)
         if pending is None:
             self._link.ack(message)
+        elif not (message.dup and (replaced.mid, replaced.via) == (message.mid, message.via)):
+            # Not the broker's redelivery of that PUBLISH but another one with the same id (a caller's
+            # retry): acknowledged now, or it would hold one of the broker's in-flight slots for good.
+            self._link.ack(replaced)
         return True
 
     def cancel(self, message: Incoming) -> None:

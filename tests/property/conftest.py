@@ -7,6 +7,7 @@ examples (``HYPOTHESIS_PROFILE=long pytest tests/property``). Failing examples a
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import tracemalloc
@@ -19,6 +20,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 from agent.errors import AgentError
+from agent.transport.limits import top_level_strings
+from agent.transport.mqtt import Incoming
 
 _DB = DirectoryBasedExampleDatabase(str(Path(__file__).resolve().parents[2] / ".pytest_cache" / "hypothesis"))
 # No per-example deadline: the box is shared and loaded; bounded time is asserted per call instead
@@ -58,3 +61,16 @@ def peak_allocation(limit_bytes: int) -> Iterator[None]:
     finally:
         tracemalloc.stop()
     assert peak < limit_bytes, f"peak allocation {peak / 2**20:.1f} MiB (bound {limit_bytes / 2**20:.1f} MiB)"
+
+
+def asked_reply_topics(message: Incoming) -> set[str]:
+    """Every topic ``message`` asked to be answered on: its Response Topic, its top-level ``reply_to``
+    (as the safe peek reads it, and as a full parse reads it: the two may differ on duplicate keys)."""
+    asked = {message.response_topic, top_level_strings(message.payload, ("reply_to",)).get("reply_to")}
+    try:
+        reply_to = json.loads(message.payload).get("reply_to")
+    except (ValueError, AttributeError, RecursionError):
+        reply_to = None
+    if isinstance(reply_to, str):
+        asked.add(reply_to)
+    return {topic for topic in asked if topic}
