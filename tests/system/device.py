@@ -360,12 +360,16 @@ class Device:
                   str(device.root)], timeout=30)
         device._mounted = True
         root = device.root
-        (root / "etc/hostname").write_text(f"{name}\n")
-        (root / "etc/hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {name}\n::1 localhost\n")
-        (root / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
-        (root / "etc/apt/sources.list").write_text(f"deb [trusted=yes] file:{APT_IN_DEVICE} ./\n")
-        # For a board with Internet access: downloads inside trust what the host trusts.
-        shutil.copy2("/etc/ssl/certs/ca-certificates.crt", root / "etc/ssl/certs/ca-certificates.crt")
+        try:
+            (root / "etc/hostname").write_text(f"{name}\n")
+            (root / "etc/hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {name}\n::1 localhost\n")
+            (root / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
+            (root / "etc/apt/sources.list").write_text(f"deb [trusted=yes] file:{APT_IN_DEVICE} ./\n")
+            # For a board with Internet access: downloads inside trust what the host trusts.
+            shutil.copy2("/etc/ssl/certs/ca-certificates.crt", root / "etc/ssl/certs/ca-certificates.crt")
+        except BaseException:
+            device.destroy()
+            raise
         return device
 
     @property
