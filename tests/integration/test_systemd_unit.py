@@ -129,6 +129,13 @@ class TestUnitContract:
         assert service["WatchdogSec"] == "30s"
         assert service["Restart"] == "on-failure"
 
+    def test_exit_codes_a_restart_cannot_fix_stop_the_unit(self) -> None:
+        """Usage (2), permission (77) and config (78) errors are not restarted; the fleet restart (75) always is."""
+        service = _service(UNIT)
+        assert set(service["RestartPreventExitStatus"].split()) == {"2", "77", "78"}
+        assert service["RestartForceExitStatus"] == "75"
+        assert service["SuccessExitStatus"] == "75"
+
     def test_stop_timeout_covers_the_shutdown_grace_period(self) -> None:
         """TimeoutStopSec leaves at least 5 s beyond the default inference.shutdown_grace_s."""
         stop_s = int(_service(UNIT)["TimeoutStopSec"].removesuffix("s"))
