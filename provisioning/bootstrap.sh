@@ -1,16 +1,37 @@
 #!/usr/bin/env bash
 # Install edge-agent on this one board, without Ansible: the same steps as roles/edge_agent.
 #
-#   sudo ./bootstrap.sh --wheelhouse ./wheelhouse --device-id kitchen-1 --mqtt-host broker.lan \
-#        [--mqtt-port 1883] [--mqtt-user edge --mqtt-password-file pw.txt] [--hf-token-file t.txt] \
-#        [--tls --ca-file ca.crt --cert-file client.crt --tls-key-file client.key] \
-#        [--fleet-pubkey-file fleet.pub] [--memory-max 1200M] [--with-mosquitto] [--no-start] [--dry-run]
+#   sudo ./bootstrap.sh --wheelhouse DIR --model SPEC [options]
+#
+#   --wheelhouse DIR        wheels to install from: edge_agent-*.whl (required) and any prebuilt ones
+#   --model SPEC            required: catalog NAME (gemma-3-270m-it), NAME:QUANT, or /abs/path/model.gguf
+#   --device-id ID          MQTT topic level of this device (default: short host name)
+#   --mqtt-host H  --mqtt-port P  --mqtt-user U  --mqtt-password-file F
+#   --tls --ca-file F --cert-file F --tls-key-file F    broker TLS (files are copied to the device)
+#   --hf-token-file F  --fleet-pubkey-file F            further secrets, as systemd credentials
+#   --hub-endpoint URL      [hub] endpoint: a Hub mirror or test server
+#   --hub-offline           [hub] offline = true: serve only what the cache holds
+#   --catalog FILE          [model] catalog: a models.toml on the device instead of the shipped one
+#   --n-ctx N               [model] n_ctx (default 2048)
+#   --prepull               download the model now, as the service user, before the service starts
+#   --operator USER         add an existing user to the edge-agent group (repeatable)
+#   --reset-overrides       delete the fleet's runtime config overrides (edge-agent config reset-overrides)
+#   --memory-max SIZE       MemoryMax= for the service (e.g. 1200M)
+#   --shutdown-grace-s N    [inference] shutdown_grace_s (default 20); TimeoutStopSec follows
+#   --with-mosquitto        a loopback-only Mosquitto on this board
+#   --pip-offline           pip --no-index: every wheel must be in the wheelhouse (alias: --offline)
+#   --no-build-tools        do not install compilers (default: only when no llama_cpp_python wheel is given)
+#   --root DIR              install into an image at DIR (enabled, never started)
+#   --no-start  --dry-run  -h|--help
 #
 # Idempotent: every step checks first and says "ok" (nothing to do) or "changed" (what it did);
-# with --dry-run it says "would ..." and changes nothing. The unit file is taken from the repository
-# this script lives in (../systemd/edge-agent.service). --root installs into another root directory
-# (an image being built): the service is then enabled but not started.
+# with --dry-run it says "would ..." and changes nothing. The last line is "done: N change(s)".
+# pip's full output goes to /var/log/edge-agent-install.log (inside --root); compiling llama.cpp
+# shows cmake's progress. The unit file is taken from the repository this script lives in.
 set -euo pipefail
+# The service user must read the venv pip writes, whatever umask sudo hands over; secrets and the
+# install log get their own modes explicitly.
+umask 022
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_DIR="$(dirname "$SCRIPT_DIR")"
@@ -28,6 +49,14 @@ MQTT_PASSWORD_FILE=""
 HF_TOKEN_FILE=""
 TLS_KEY_FILE=""
 FLEET_PUBKEY_FILE=""
+MODEL=""
+N_CTX="2048"
+HUB_ENDPOINT=""
+HUB_OFFLINE="false"
+CATALOG=""
+PREPULL="false"
+OPERATORS=()
+RESET_OVERRIDES="false"
 MEMORY_MAX=""
 SHUTDOWN_GRACE_S="20"
 WITH_MOSQUITTO="false"
@@ -42,10 +71,25 @@ CONFIG_DIR="/etc/edge-agent"
 STATE_DIR="/var/lib/edge-agent"
 UNIT_DIR="/etc/systemd/system"
 CREDENTIAL_IDS=(mqtt_password tls_key hf_token fleet_pubkey)
+RUNTIME_PACKAGES=(libgomp1 libstdc++6 libgcc-s1)  # what llama_cpp/lib/*.so link against beyond glibc
+INSTALL_LOG="/var/log/edge-agent-install.log"
+OVERRIDES_FILE="$STATE_DIR/fleet/config-overrides.toml"
+# Exit 0 if the venv's llama-cpp-python satisfies the Requires-Dist of the wheel in argv[1]
+# (roles/edge_agent/vars/main.yml has the same code).
+LLAMA_SATISFIED_PY='
+import importlib.metadata as md, sys, zipfile
+from pip._vendor.packaging.requirements import Requirement
+with zipfile.ZipFile(sys.argv[1]) as whl:
+    meta = next(n for n in whl.namelist() if n.endswith(".dist-info/METADATA"))
+    lines = whl.read(meta).decode().splitlines()
+reqs = [Requirement(l.split(":", 1)[1]) for l in lines if l.startswith("Requires-Dist:")]
+req = next(r for r in reqs if r.name.lower().replace("_", "-") == "llama-cpp-python")
+sys.exit(0 if req.specifier.contains(md.version("llama_cpp_python"), prereleases=True) else 1)
+'
 CHANGED=0
 
 usage() {
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -74,10 +118,18 @@ while [[ $# -gt 0 ]]; do
         --tls-key-file) TLS_KEY_FILE="$2"; shift 2 ;;
         --hf-token-file) HF_TOKEN_FILE="$2"; shift 2 ;;
         --fleet-pubkey-file) FLEET_PUBKEY_FILE="$2"; shift 2 ;;
+        --model) MODEL="$2"; shift 2 ;;
+        --n-ctx) N_CTX="$2"; shift 2 ;;
+        --hub-endpoint) HUB_ENDPOINT="$2"; shift 2 ;;
+        --hub-offline) HUB_OFFLINE="true"; shift ;;
+        --catalog) CATALOG="$2"; shift 2 ;;
+        --prepull) PREPULL="true"; shift ;;
+        --operator) OPERATORS+=("$2"); shift 2 ;;
+        --reset-overrides) RESET_OVERRIDES="true"; shift ;;
         --memory-max) MEMORY_MAX="$2"; shift 2 ;;
         --shutdown-grace-s) SHUTDOWN_GRACE_S="$2"; shift 2 ;;
         --with-mosquitto) WITH_MOSQUITTO="true"; shift ;;
-        --offline) OFFLINE="true"; shift ;;
+        --pip-offline|--offline) OFFLINE="true"; shift ;;
         --no-build-tools) BUILD_TOOLS="false"; shift ;;
         --no-start) START="false"; shift ;;
         --dry-run) DRY_RUN="true"; shift ;;
@@ -87,6 +139,14 @@ while [[ $# -gt 0 ]]; do
 done
 
 [[ -n "$WHEELHOUSE" ]] || die "--wheelhouse DIR is required (pip wheel --no-deps -w DIR <repo>)"
+[[ -n "$MODEL" ]] || die "--model is required: a catalog name (e.g. gemma-3-270m-it), NAME:QUANT \
+(e.g. gemma-3-270m-it:Q8_0), or the absolute path of a .gguf file on this device (catalog: models.toml)"
+[[ "$MODEL" =~ ^(/[^[:space:]]+|[A-Za-z0-9][A-Za-z0-9._-]*(:[A-Za-z0-9_]+)?)$ ]] \
+    || die "--model must be NAME, NAME:QUANT or an absolute path: $MODEL"
+[[ "$N_CTX" =~ ^[0-9]+$ ]] || die "--n-ctx must be a number: $N_CTX"
+if [[ "$PREPULL" == "true" && "$HUB_OFFLINE" == "true" && "$MODEL" != /* ]]; then
+    die "--prepull needs the Hub, but --hub-offline was given"
+fi
 [[ -d "$WHEELHOUSE" ]] || die "wheelhouse not found: $WHEELHOUSE"
 [[ "$DEVICE_ID" =~ ^[^/+#[:space:]]+$ ]] || die "--device-id must be one MQTT topic level: $DEVICE_ID"
 [[ "$MQTT_PORT" =~ ^[0-9]+$ ]] || die "--mqtt-port must be a number: $MQTT_PORT"
@@ -105,6 +165,18 @@ if [[ -n "$ROOT" ]] || [[ ! -d /run/systemd/system ]]; then START="false"; fi
 
 # Run a command inside the target root.
 in_root() { if [[ -n "$ROOT" ]]; then chroot "$ROOT" "$@"; else "$@"; fi; }
+
+# Checks that only read, before anything changes (an empty --root in a dry run has nothing to read).
+if [[ "$MODEL" == /* && ( "$DRY_RUN" != "true" || -d "$ROOT/etc" ) ]]; then
+    [[ -f "$ROOT$MODEL" ]] || die "--model $MODEL: no such file${ROOT:+ in $ROOT}; copy the .gguf there first"
+fi
+for user in "${OPERATORS[@]}"; do
+    [[ "$user" =~ ^[a-z_][a-z0-9_.-]*[$]?$ ]] || die "--operator: not a user name: $user"
+    if [[ "$DRY_RUN" != "true" || -d "$ROOT/etc" ]]; then
+        in_root getent passwd "$user" >/dev/null 2>&1 \
+            || die "--operator $user: no such user${ROOT:+ in $ROOT} (bootstrap adds existing users to the group)"
+    fi
+done
 
 # Install $2 (file content on stdin) at $1 with owner $3 and mode $4, only if it differs.
 install_content() {
@@ -144,13 +216,46 @@ toml_string() {
     printf '"%s"' "${s//\"/\\\"}"
 }
 
+# Run edge-agent as the service user, the way the unit does: HF_HOME in the state directory, JSON logs,
+# and the hf_token credential (if installed) in a private $CREDENTIALS_DIRECTORY, never on a command line.
+as_service() {
+    # shellcheck disable=SC2016  # expanded by the inner sh, inside the root
+    in_root sh -c '
+        set -eu
+        user="$1" config_dir="$2" state_dir="$3"; shift 3
+        creds="$(mktemp -d)"
+        trap '"'"'rm -rf "$creds"'"'"' EXIT
+        if [ -f "$config_dir/credentials/hf_token" ]; then
+            install -m 0400 -o "$user" "$config_dir/credentials/hf_token" "$creds/hf_token"
+        fi
+        chown "$user" "$creds"
+        runuser -u "$user" -- env CREDENTIALS_DIRECTORY="$creds" HF_HOME="$state_dir/hf-cache" \
+            EDGE_AGENT_LOG__FORMAT=json "$@"
+    ' sh "$AGENT_USER" "$CONFIG_DIR" "$STATE_DIR" "$PREFIX/venv/bin/edge-agent" "$@"
+}
+
+# pip -v output -> the install log in full; on the terminal only pip's headline lines and the build's
+# progress: make's "[ NN%]" lines, each percentage once, or ninja's "[N/M]" steps in 5 % strides
+# (scikit-build-core builds with ninja when it finds it; compiling llama.cpp is ~200 steps).
+show_progress() {
+    awk '
+        /^ *\[ *[0-9]+%\]/ { pct = $0; sub(/\].*/, "]", pct); if (pct != last) { last = pct; print "  build   " $0; fflush() } next }
+        /^ *\[[0-9]+\/[0-9]+\] / {
+            split(substr($1, 2), nm, "/"); stride = int(nm[1] * 20 / nm[2])
+            if (stride != last_stride || nm[1] == nm[2]) { last_stride = stride; print "  build   " $0; fflush() }
+            next
+        }
+        /^(Building wheel|Successfully|ERROR|error:)/ { print "  pip     " $0; fflush() }
+    '
+}
+
 RESTART=0
 mode="install"
 [[ "$DRY_RUN" != "true" ]] || mode="dry run"
 echo "edge-agent bootstrap ($mode): device $DEVICE_ID, wheel $(basename "$WHEEL")${ROOT:+, root $ROOT}"
 
 # --- packages -------------------------------------------------------------------------------------
-packages=(python3 python3-venv ca-certificates)
+packages=(python3 python3-venv ca-certificates "${RUNTIME_PACKAGES[@]}")
 if [[ "$BUILD_TOOLS" == "true" ]]; then packages+=(build-essential cmake python3-dev pkg-config); fi
 if [[ "$WITH_MOSQUITTO" == "true" ]]; then packages+=(mosquitto); fi
 missing=()
@@ -183,8 +288,17 @@ ensure_dir "$CONFIG_DIR" "$GROUP_OWNER" 0750
 ensure_dir "$CONFIG_DIR/tls" "$GROUP_OWNER" 0750
 ensure_dir "$CONFIG_DIR/credentials" root:root 0700
 ensure_dir "$UNIT_DIR/edge-agent.service.d" root:root 0755
-for d in "$STATE_DIR" "$STATE_DIR/models" "$STATE_DIR/hf-cache" "$STATE_DIR/buffers"; do
+for d in "$STATE_DIR" "$STATE_DIR/models" "$STATE_DIR/hf-cache" "$STATE_DIR/buffers" "$STATE_DIR/fleet"; do
     ensure_dir "$d" "$AGENT_USER:$AGENT_USER" 0700
+done
+# The operator group is the service's group: members read agent.toml and run `edge-agent` commands.
+for user in "${OPERATORS[@]}"; do
+    if in_root id -nG "$user" 2>/dev/null | tr ' ' '\n' | grep -qx "$AGENT_USER"; then
+        ok "operator $user in group $AGENT_USER"
+    else
+        changed "usermod -aG $AGENT_USER $user"
+        act in_root usermod -aG "$AGENT_USER" "$user"
+    fi
 done
 
 # --- venv and wheels ------------------------------------------------------------------------------
@@ -201,24 +315,68 @@ else
     changed "python3 -m venv $PREFIX/venv"
     act in_root python3 -m venv "$PREFIX/venv"
 fi
-case "$(uname -m)" in
+arch="$(uname -m)"
+case "$arch" in
     x86_64) cmake_args="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" ;;
     *) cmake_args="-DGGML_NATIVE=ON" ;;
 esac
+# Rough compile times (docs/deploy.md says where each comes from).
+case "$arch" in
+    x86_64) build_minutes="5-15" ;;
+    aarch64) build_minutes="15-40" ;;
+    *) build_minutes="40-90" ;;
+esac
+# One compile job per core, but no more than one per ~700 MB of RAM (a Pi Zero 2 W has 512 MB).
+mem_mb="$(awk '/^MemTotal:/ { print int($2 / 1024) }' /proc/meminfo 2>/dev/null || echo 700)"
+build_jobs="$(nproc 2>/dev/null || echo 1)"
+(( build_jobs <= mem_mb / 700 )) || build_jobs=$((mem_mb / 700))
+(( build_jobs >= 1 )) || build_jobs=1
 pip_args=(--disable-pip-version-check --prefer-binary --find-links "$PREFIX/wheelhouse")
 if [[ "$OFFLINE" == "true" ]]; then pip_args+=(--no-index); fi
 wheel_version="$(basename "$WHEEL" | cut -d- -f2)"
 installed_version="$(in_root "$PREFIX/venv/bin/python" -c \
     'import importlib.metadata as m; print(m.version("edge-agent"))' 2>/dev/null || true)"
-if [[ "$installed_version" == "$wheel_version" && $wheel_changed -eq 0 ]]; then
+# Does the venv's llama-cpp-python satisfy what the edge-agent wheel requires? If not, pip installs it
+# (first install, or a raised requirement), which may mean compiling llama.cpp. Same check as the role.
+llama_ok="false"
+if in_root "$PREFIX/venv/bin/python" -c "$LLAMA_SATISFIED_PY" "$PREFIX/wheelhouse/$(basename "$WHEEL")" \
+        >/dev/null 2>&1; then
+    llama_ok="true"
+fi
+if [[ "$installed_version" == "$wheel_version" && $wheel_changed -eq 0 && "$llama_ok" == "true" ]]; then
     ok "edge-agent $installed_version installed"
 else
-    changed "pip install $(basename "$WHEEL") (CMAKE_ARGS=$cmake_args)"
-    act in_root env CMAKE_ARGS="$cmake_args" "$PREFIX/venv/bin/pip" install -q "${pip_args[@]}" \
-        --force-reinstall --no-deps "$PREFIX/wheelhouse/$(basename "$WHEEL")"
-    act in_root env CMAKE_ARGS="$cmake_args" "$PREFIX/venv/bin/pip" install -q "${pip_args[@]}" \
-        "$PREFIX/wheelhouse/$(basename "$WHEEL")"
+    changed "pip install $(basename "$WHEEL") and its dependencies (log: $INSTALL_LOG)"
+    if [[ "$llama_ok" != "true" ]]; then
+        if compgen -G "$WHEELHOUSE/llama_cpp_python-*.whl" >/dev/null; then
+            say "" "llama-cpp-python from the prebuilt wheel in the wheelhouse"
+        else
+            say "" "compiling llama.cpp (llama-cpp-python): roughly $build_minutes minutes on $arch with $build_jobs job(s); CMAKE_ARGS=$cmake_args"
+        fi
+    fi
+    if [[ "$DRY_RUN" != "true" ]]; then
+        started=$SECONDS
+        install -m 0640 /dev/null "$ROOT$INSTALL_LOG"
+        # A rebuilt wheel of the same version: pip would call it satisfied, so replace it first.
+        in_root "$PREFIX/venv/bin/pip" install -q "${pip_args[@]}" --force-reinstall --no-deps \
+            "$PREFIX/wheelhouse/$(basename "$WHEEL")" >/dev/null
+        if ! in_root env CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL="$build_jobs" \
+                "$PREFIX/venv/bin/pip" install -v "${pip_args[@]}" "$PREFIX/wheelhouse/$(basename "$WHEEL")" 2>&1 \
+                | tee "$ROOT$INSTALL_LOG" | show_progress; then
+            tail -n 30 "$ROOT$INSTALL_LOG" >&2
+            die "pip install failed after $((SECONDS - started)) s; full log: $ROOT$INSTALL_LOG"
+        fi
+        say "" "installed in $(( (SECONDS - started) / 60 )) min $(( (SECONDS - started) % 60 )) s"
+    fi
     RESTART=1
+fi
+# The venv is on nobody's PATH: operators (group edge-agent) and scripts call it by this name.
+if [[ "$(readlink "$ROOT/usr/local/bin/edge-agent" 2>/dev/null)" == "$PREFIX/venv/bin/edge-agent" ]]; then
+    ok "/usr/local/bin/edge-agent"
+else
+    changed "link /usr/local/bin/edge-agent -> $PREFIX/venv/bin/edge-agent"
+    act mkdir -p "$ROOT/usr/local/bin"
+    act ln -sfn "$PREFIX/venv/bin/edge-agent" "$ROOT/usr/local/bin/edge-agent"
 fi
 
 # --- configuration --------------------------------------------------------------------------------
@@ -230,6 +388,7 @@ if [[ -n "$CERT_FILE" ]] && install_content "$CONFIG_DIR/tls/client.crt" "$GROUP
 fi
 config="$(
     echo "# Written by provisioning/bootstrap.sh. Reference: docs/configuration.md."
+    echo "# Fleet overrides ($OVERRIDES_FILE) win over this file."
     echo "device_id = $(toml_string "$DEVICE_ID")"
     echo
     echo "[mqtt]"
@@ -239,6 +398,22 @@ config="$(
     [[ -z "$MQTT_USER" ]] || echo "username = $(toml_string "$MQTT_USER")"
     [[ -z "$CA_FILE" ]] || echo "ca_file = \"$CONFIG_DIR/tls/ca.crt\""
     [[ -z "$CERT_FILE" ]] || echo "cert_file = \"$CONFIG_DIR/tls/client.crt\""
+    echo
+    echo "[model]"
+    if [[ "$MODEL" == /* ]]; then
+        echo "path = $(toml_string "$MODEL")"
+    else
+        echo "name = $(toml_string "${MODEL%%:*}")"
+        [[ "$MODEL" != *:* ]] || echo "quant = $(toml_string "${MODEL#*:}")"
+    fi
+    [[ -z "$CATALOG" ]] || echo "catalog = $(toml_string "$CATALOG")"
+    echo "n_ctx = $N_CTX"
+    if [[ -n "$HUB_ENDPOINT" || "$HUB_OFFLINE" == "true" ]]; then
+        echo
+        echo "[hub]"
+        [[ -z "$HUB_ENDPOINT" ]] || echo "endpoint = $(toml_string "$HUB_ENDPOINT")"
+        [[ "$HUB_OFFLINE" != "true" ]] || echo "offline = true"
+    fi
     echo
     echo "[inference]"
     echo "shutdown_grace_s = $SHUTDOWN_GRACE_S"
@@ -271,6 +446,31 @@ for id in "${CREDENTIAL_IDS[@]}"; do
     fi
 done
 printf '%s\n' "$dropin" | install_content "$UNIT_DIR/edge-agent.service.d/10-credentials.conf" root:root 0644 && RESTART=1
+
+# --- fleet overrides and the model ----------------------------------------------------------------
+if [[ "$RESET_OVERRIDES" == "true" ]]; then
+    if [[ -e "$ROOT$OVERRIDES_FILE" ]]; then
+        changed "edge-agent config reset-overrides (delete $OVERRIDES_FILE)"
+        act as_service config reset-overrides --config "$CONFIG_DIR/agent.toml"
+        RESTART=1
+    else
+        ok "no fleet config overrides"
+    fi
+fi
+if [[ "$PREPULL" == "true" && "$MODEL" == /* ]]; then
+    ok "model is a local file: nothing to pull"
+elif [[ "$PREPULL" == "true" && "$DRY_RUN" == "true" ]]; then
+    changed "edge-agent pull $MODEL (if not in the cache)"
+elif [[ "$PREPULL" == "true" ]]; then
+    # Before the service starts: its first start then finds the model in the cache.
+    pulled="$(as_service pull "$MODEL" --config "$CONFIG_DIR/agent.toml" --json)" \
+        || die "edge-agent pull $MODEL failed (see above)"
+    if grep -q '"from_cache": true' <<<"$pulled"; then
+        ok "model $MODEL in the cache"
+    else
+        changed "edge-agent pull $MODEL"
+    fi
+fi
 
 # --- systemd --------------------------------------------------------------------------------------
 install_content "$UNIT_DIR/edge-agent.service" root:root 0644 <"$REPO_DIR/systemd/edge-agent.service" && RESTART=1

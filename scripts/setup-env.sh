@@ -39,7 +39,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.edge-agent-installed"
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
-  echo "==> installing edge-agent and its dependencies (llama-cpp-python compiles once, ~5 min on 2 cores)"
+  echo "==> installing edge-agent and its dependencies (llama-cpp-python compiles once: ~5 min on 2 idle cores, 12 min measured with the cores shared)"
   "$VENV/bin/pip" install -q --upgrade pip
   "$VENV/bin/pip" install -q -e "$ROOT[test,provisioning]"
   touch "$stamp"
