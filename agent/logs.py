@@ -71,7 +71,7 @@ def configure_logging(
     out = stream or sys.stdout
     json_lines = fmt == "json" or (fmt == "auto" and not out.isatty())
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer(colors=_is_tty(out))
     )
     processors: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -88,3 +88,11 @@ def configure_logging(
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,  # tests and `run` reconfigure after modules first log
     )
+
+
+def _is_tty(stream: TextIO) -> bool:
+    """Colour only on a terminal: escape codes in a captured log (bootstrap, Ansible, journald) are noise."""
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed or file-like stream without a descriptor
+        return False

@@ -80,3 +80,18 @@ def test_every_line_of_a_multi_line_rendering_is_prefixed() -> None:
     assert syslog_prefix(None, "exception", "boom\n  at x") == "<3>boom\n<3>  at x"
     assert syslog_prefix(None, "critical", "x") == "<2>x"
     assert syslog_prefix(None, "msg", "x") == "<6>x"
+
+
+def test_console_lines_carry_no_colour_codes_when_not_on_a_terminal() -> None:
+    """A one-shot command's warnings captured by a script (bootstrap --prepull, Ansible) are plain text."""
+    import io
+
+    import structlog
+
+    from agent.logs import configure_logging
+
+    out = io.StringIO()
+    configure_logging("info", "console", stream=out, environ={})
+    structlog.get_logger("t").warning("model_pulled", model="tiny")
+    assert "model_pulled" in out.getvalue()
+    assert "\x1b[" not in out.getvalue()
