@@ -807,6 +807,64 @@ class TestPlaybookRefusesBadInventory:
 
 
 @pytest.mark.slow
+@needs_ansible
+@pytest.mark.skipif(
+    not _has_chroot_connection(),
+    reason="community.general (chroot connection) missing: pip install 'ansible>=12,<13'",
+)
+class TestPlaybookCheckModeOnANewDevice:
+    def test_check_diff_runs_through_and_changes_nothing(
+        self, base_rootfs: Path, wheelhouse: Path, tmp_path: Path
+    ) -> None:
+        """--check --diff on a device never provisioned completes, prints no secret and leaves it untouched."""
+        target = _new_target(base_rootfs, tmp_path)
+        # Ansible's apt module needs python3-apt for --check (a real run installs it by itself).
+        apt = target.chroot(
+            "sh", "-c", "apt-get update -qq && apt-get install -y -qq python3-apt >/dev/null", timeout=600
+        )
+        assert apt.returncode == 0, apt.stderr[-2000:]
+        inventory = tmp_path / "inventory.ini"
+        inventory.write_text(
+            "[edge_devices]\n"
+            f"bench ansible_host={target.root} ansible_connection=community.general.chroot "
+            "ansible_python_interpreter=/usr/bin/python3\n"
+        )
+        extra = {
+            "edge_agent_wheelhouse": str(wheelhouse),
+            "edge_agent_build_wheel": False,
+            "edge_agent_pip_offline": True,
+            "edge_agent_build_from_source": False,
+            "edge_agent_install_mosquitto": True,
+            "edge_agent_model": "tiny",
+            "edge_agent_operators": ["alice"],
+            "edge_agent_prepull": True,
+            "edge_agent_reset_fleet_overrides": True,
+            "edge_agent_mqtt_password": MQTT_PASSWORD,
+            "edge_agent_hf_token": HF_TOKEN,
+        }
+        (tmp_path / "extra.json").write_text(json.dumps(extra))
+        result = target.run(
+            [
+                "ansible-playbook",
+                "-i",
+                str(inventory),
+                str(PROVISIONING / "site.yml"),
+                "-e",
+                f"@{tmp_path / 'extra.json'}",
+                "--check",
+                "--diff",
+            ],
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+        assert _recap(result.stdout)["changed"] > 0
+        for secret in (MQTT_PASSWORD, HF_TOKEN):
+            assert secret not in result.stdout + result.stderr
+        assert not (tmp_path / "upper" / "opt" / "edge-agent").exists()
+        assert not (tmp_path / "upper" / "etc" / "edge-agent").exists()
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(1800)  # the module fixture's runs count toward its first test
 class TestBootstrapOnAThrowawayDebian:
     def test_second_run_reports_nothing_to_do(self, bootstrapped: dict) -> None:
