@@ -138,3 +138,19 @@ def test_size_limit_is_exact(size: int) -> None:
     payload = b'{"prompt": "' + b"x" * max(0, size - 14) + b'"}'
     got = bounded(lambda: parse_request(payload, MAX_BYTES))
     assert isinstance(got, TooLargeError) == (len(payload) > MAX_BYTES)
+
+
+REFUSED_BY_BROKERS = [*map(chr, range(0x20)), *map(chr, range(0x7F, 0xA0)), *map(chr, range(0xFDD0, 0xFDF0)),
+                      *(chr(plane << 16 | low) for plane in range(17) for low in (0xFFFE, 0xFFFF)), "+", "#"]
+
+
+@given(st.text(max_size=40) | st.sampled_from(REFUSED_BY_BROKERS).map(lambda c: f"caller/{c}/r"))
+@example("caller/\x1f\x7f")
+@example("caller/\U0010ffff")
+def test_a_concrete_topic_is_one_the_broker_accepts(topic: str) -> None:
+    """Regression: a reply_to with a control character or a noncharacter passed is_concrete_topic, and the
+    reply to it got the daemon disconnected by Mosquitto ('malformed packet'), again after every reconnect
+    (its session resends the reply). A topic we publish to holds none of what brokers refuse."""
+    concrete = is_concrete_topic(topic)
+    refused = any(c in topic for c in REFUSED_BY_BROKERS) or any(0xD800 <= ord(c) <= 0xDFFF for c in topic)
+    assert concrete == (bool(topic) and not refused)
