@@ -155,10 +155,16 @@ def _huge_string(rng: random.Random, body: dict[str, Any]) -> bytes:
     return _dumps({**body, key: text})
 
 
+def _unique(rng: random.Random, text: str) -> str:
+    """``text`` made unique: an id two messages share makes the second a duplicate (served once, by design)."""
+    return f"{text}-{rng.getrandbits(64):016x}"
+
+
 def _wrong_type(rng: random.Random, body: dict[str, Any]) -> bytes:
     values: list[Any] = [None, True, 0, -1, 1.5, "", "x", [], {}, [1, "a"], {"a": 1}, 2**70]
     key = rng.choice([*body, "messages", "max_tokens", "temperature", "stop", "id", "args", "stream", "v"])
-    out = {**body, key: rng.choice(values)}
+    value = rng.choice(values)
+    out = {**body, key: _unique(rng, value) if key == "id" and isinstance(value, str) and value else value}
     if key == "messages" and rng.random() < 0.5:
         out[key] = [{"role": rng.choice(("user", "robot", 1, None)), "content": rng.choice(("hi", 5, None, []))}]
     return _dumps(out)
@@ -171,7 +177,7 @@ def _unicode(rng: random.Random, body: dict[str, Any]) -> bytes:
     if key == "content" and isinstance(out.get("messages"), list):
         out["messages"] = [{**m, "content": edge} for m in out["messages"]]
     else:
-        out[key] = edge
+        out[key] = _unique(rng, edge) if key == "id" else edge
     return json.dumps(out, ensure_ascii=rng.random() < 0.5).encode("utf-8")
 
 
@@ -196,7 +202,7 @@ def _surrogate(rng: random.Random, body: dict[str, Any]) -> bytes:
 
 def _duplicate_key(rng: random.Random, body: dict[str, Any]) -> bytes:
     key = rng.choice([*body, "id", "reply_to"])
-    value = rng.choice(('"dup"', "5", "null", "[1]", '"\\ud800"'))
+    value = rng.choice((json.dumps(_unique(rng, "dup")), "5", "null", "[1]", '"\\ud800"'))
     return _dumps(body)[:-1] + f', "{key}": {value}'.encode() + b"}"
 
 
