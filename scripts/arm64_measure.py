@@ -135,12 +135,12 @@ def _mib(n: float) -> str:
     return f"{n / MiB:.1f}"
 
 
-def table(rows_file: Path) -> None:
+def table(rows_file: Path, n_ctx: int) -> None:
     """Markdown table from rows ``name\testimate-json\tdaemon-hwm\tprobe-mmap-json\tprobe-nommap-json``.
 
     The no-mmap probe is ``{}`` when it was not run.
     """
-    print("Estimate vs measured peak RSS (n_ctx 2048, the long prompt, 8 generated tokens). `estimate` is the "
+    print(f"Estimate vs measured peak RSS (n_ctx {n_ctx}, a prompt filling it, 8 generated tokens). `estimate` is the "
           "planner's (aarch64 repack set); `increase` is peak RSS minus the interpreter after `import llama_cpp`, "
           "in a fresh process with the agent's Llama arguments (use_mmap on, as the agent).")
     print()
@@ -191,6 +191,7 @@ def main() -> int:
     p.add_argument("--no-mmap", action="store_true")
     p = sub.add_parser("table")
     p.add_argument("rows", type=Path)
+    p.add_argument("--n-ctx", type=int, default=2048)
     args = parser.parse_args()
     if args.cmd == "sysinfo":
         sysinfo()
@@ -201,7 +202,7 @@ def main() -> int:
     elif args.cmd == "probe":
         probe(args.model, args.n_ctx, args.fill, use_mmap=not args.no_mmap)
     else:
-        table(args.rows)
+        table(args.rows, args.n_ctx)
     return 0
 
 
