@@ -120,6 +120,9 @@ step_done() { # step_done [KEY]: print the elapsed time; with KEY also record it
     LAST_DT="$dt"
 }
 LAST_DT=""
+COMPLETE="false"
+ROWS=""
+HOST_PY="$(command -v python3)"
 die() { echo "arm64-device: error: $*" >&2; exit 1; }
 newest() { # newest GLOB-EXPANSION...: the last existing path in sort order, or nothing
     local f last=""
@@ -134,10 +137,33 @@ CONTAINER_PID=""
 BROKER_PID=""
 CHROOT_AGENT_PID=""
 MOUNTS=()
+# The measurements so far as markdown in $RESULTS, and on stdout.
+# shellcheck disable=SC2317  # run by the EXIT trap
+write_results() {
+    [[ ${#ORDER[@]} -gt 0 ]] || return 0
+    if [[ -s "${ROWS:-}" ]]; then
+        "$HOST_PY" "$SCRIPT_DIR/arm64_measure.py" table "$ROWS" --n-ctx "$RSS_N_CTX" >"$WORK/rss.md"
+    fi
+    {
+        echo "arm64 device under qemu-user emulation ($(date -u +%F), host $(uname -m), $(nproc) cores;"
+        echo "speeds are the emulator's, not a Raspberry Pi's)."
+        [[ "$COMPLETE" == "true" ]] || echo "**Incomplete run** (stopped at: $STEP_NAME)."
+        echo
+        echo "| measurement | value |"
+        echo "|---|---|"
+        local k
+        for k in "${ORDER[@]}"; do printf '| %s | %s |\n' "$k" "${RESULT[$k]//|/\\|}"; done
+        if [[ -f "$WORK/rss.md" ]]; then echo; cat "$WORK/rss.md"; fi
+    } >"$RESULTS"
+    echo
+    cat "$RESULTS"
+    echo "(written to $RESULTS)"
+}
 # shellcheck disable=SC2317  # run by the EXIT trap
 cleanup() {
     local rc=$?
     set +e
+    write_results
     if [[ -n "$CHROOT_AGENT_PID" ]] && kill -0 "$CHROOT_AGENT_PID" 2>/dev/null; then
         kill -TERM "$CHROOT_AGENT_PID"
         for _ in $(seq 60); do kill -0 "$CHROOT_AGENT_PID" 2>/dev/null || break; sleep 1; done
@@ -268,7 +294,6 @@ else
 fi
 cp "$LLAMA_WHEEL" "$WH/"
 step "edge-agent wheel from $REPO (host, pure Python)"
-HOST_PY="$(command -v python3)"
 "$HOST_PY" -m pip wheel -q --no-deps --disable-pip-version-check -w "$WH" "$REPO" >"$WORK/wheel.log" 2>&1 \
     || { cat "$WORK/wheel.log" >&2; die "pip wheel of $REPO failed"; }
 ls "$WH"
@@ -538,21 +563,9 @@ if [[ "$RSS" == "true" && "$USE_CHROOT" != "true" ]]; then
         step_done "peak RSS run: $(basename "$m")"
     done
     switch_model "$SERVE" "$N_CTX"
-    "$HOST_PY" "$SCRIPT_DIR/arm64_measure.py" table "$ROWS" --n-ctx "$RSS_N_CTX" >"$WORK/rss.md"
 fi
 
-# --- 12. the table ----------------------------------------------------------------------------------
-{
-    echo "arm64 device under qemu-user emulation ($(date -u +%F), host $(uname -m), $(nproc) cores;"
-    echo "speeds are the emulator's, not a Raspberry Pi's)."
-    echo
-    echo "| measurement | value |"
-    echo "|---|---|"
-    for k in "${ORDER[@]}"; do printf '| %s | %s |\n' "$k" "${RESULT[$k]//|/\\|}"; done
-    if [[ -f "$WORK/rss.md" ]]; then echo; cat "$WORK/rss.md"; fi
-} >"$RESULTS"
-echo
-cat "$RESULTS"
-echo "(written to $RESULTS)"
+# --- 12. the table (written by the EXIT trap, so a failed or interrupted run still reports) -----------
+COMPLETE="true"
 exit 0
 }
