@@ -9,7 +9,7 @@
 # wheel + a prebuilt aarch64 llama-cpp-python wheel), lets the hardened unit start it against a Mosquitto
 # on the host's loopback, asks it a question over MQTT 5, then compares the project's memory estimate
 # with the daemon's measured peak RSS. Prints a table of measurements at the end (also written to
-# --results). Not for CI: it takes 20-40 minutes (a from-source llama.cpp build adds about an hour).
+# --results). Not for CI: 30-90 minutes on a shared 2-core host (a from-source llama.cpp build adds an hour).
 #
 # Options:
 #   --cache DIR       rootfs, wheel and results cache (default /var/cache/edge-agent-tests/arm64)
@@ -343,7 +343,12 @@ for t in ("Q4_0", "Q8_0"):
 PY
 mkdir -p "$ROOTFS$MODELS_IN"
 chmod 0755 "$ROOTFS$MODELS_IN"
+# The tiny models first: they answer the repack question and take minutes, SmolLM2 takes much longer.
 MEASURE_MODELS=()
+for t in q4_0 q8_0; do
+    install -m 0644 "$MODELS_HOST/tiny-llama-$t-768.gguf" "$ROOTFS$MODELS_IN/"
+    MEASURE_MODELS+=("$MODELS_IN/tiny-llama-$t-768.gguf")
+done
 if [[ -n "$MODEL" ]]; then
     [[ -f "$MODEL" ]] || die "--model $MODEL: no such file"
     install -m 0644 "$MODEL" "$ROOTFS$MODELS_IN/$(basename "$MODEL")"
@@ -354,10 +359,6 @@ elif [[ -f "$SMOL" ]]; then
     SERVE="$MODELS_IN/$(basename "$SMOL")"
     MEASURE_MODELS+=("$SERVE")
 fi
-for t in q4_0 q8_0; do
-    install -m 0644 "$MODELS_HOST/tiny-llama-$t-768.gguf" "$ROOTFS$MODELS_IN/"
-    MEASURE_MODELS+=("$MODELS_IN/tiny-llama-$t-768.gguf")
-done
 SERVE="${SERVE:-$MODELS_IN/tiny-llama-q4_0-768.gguf}"
 ls -l "$ROOTFS$MODELS_IN"
 record "model served" "$(basename "$SERVE")"
