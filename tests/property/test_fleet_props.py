@@ -10,6 +10,7 @@ import json
 import random
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,11 @@ FAST = ("ping", "status", "config-get", "drain", "resume", "restart", "nosuch", 
 SLOW = ("plan", "set-model", "pull", "reload", "config-set")
 SCOPES = ("edge/dev1/cmd/{}", "edge/group/blue/cmd/{}", "edge/fleet/cmd/{}")
 _mids = itertools.count(1)
-_ids = itertools.count(1)
+
+
+def _unique_id(prefix: str) -> str:
+    """Unique, and of one length: a payload's length steers the mutators' draws, which replays must repeat."""
+    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 class Link:
@@ -164,7 +169,7 @@ def test_mutated_commands_are_acked_once_and_reported_once(
 ) -> None:
     """Every mutation of a valid command (bytes, depth, unicode, surrogates, numbers...): acked once,
     reported once, the caller answered at most once."""
-    _, payload = mutate(rng, valid_command(rng, f"cmd-{next(_ids)}", reply_to="caller/other"), kind)
+    _, payload = mutate(rng, valid_command(rng, _unique_id("cmd"), reply_to="caller/other"), kind)
     message, caused = unsigned.deliver(topic, payload, response_topic)
     _check_once(unsigned, topic, message, caused)
 
@@ -190,7 +195,7 @@ def test_a_signed_command_runs_only_as_it_was_signed(
     target = {"edge/dev1": ("device", "dev1"), "edge/group/blue": ("group", "blue"), "edge/fleet": ("all", None)}
     scope_name, value = target[topic.rsplit("/cmd/", 1)[0]]
     original = build_command(name, {}, scope_name, value, key=load_private_key(signer[0]),  # type: ignore[arg-type]
-                             command_id=f"signed-{next(_ids)}", reply_to="caller/other", now=NOW)
+                             command_id=_unique_id("signed"), reply_to="caller/other", now=NOW)
     payload = json.dumps(original).encode() if kind is None else mutate(rng, original, kind)[1]
     calls = len(signed.control.calls)
     message, caused = signed.deliver(topic, payload, "caller/r")
