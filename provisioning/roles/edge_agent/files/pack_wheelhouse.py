@@ -1,0 +1,58 @@
+"""Pack the controller's wheelhouse into one tar for the devices.
+
+    python3 pack_wheelhouse.py WHEELHOUSE ARCHIVE
+
+Runs on the controller (roles/edge_agent/tasks/install.yml). One archive crosses the connection in
+one transfer instead of one round trip per wheel, and only when it changed: its bytes depend on the
+wheels alone (members sorted by name, fixed mtime, owner root, mode 0644), so its checksum is the same
+on every run until a wheel changes. ARCHIVE is rewritten only when its content differs. Hidden files
+(ARCHIVE itself among them) are left out.
+
+Prints JSON: {"archive_changed": bool}.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import sys
+import tarfile
+import tempfile
+
+MTIME = 315532800  # 1980-01-01, the SOURCE_DATE_EPOCH the role builds the wheel with
+
+
+def pack(house: str, archive: str) -> bool:
+    """Write the archive of HOUSE's wheels to ARCHIVE unless it holds exactly that already; True if written."""
+    names = sorted(n for n in os.listdir(house) if not n.startswith(".") and os.path.isfile(os.path.join(house, n)))
+    fd, tmp = tempfile.mkstemp(prefix=".wheelhouse-", suffix=".tar.tmp", dir=os.path.dirname(archive))
+    try:
+        with os.fdopen(fd, "wb") as out, tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            for name in names:
+                path = os.path.join(house, name)
+                info = tarfile.TarInfo(name)
+                info.size = os.path.getsize(path)
+                info.mtime = MTIME
+                info.mode = 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = "root"
+                with open(path, "rb") as wheel:
+                    tar.addfile(info, wheel)
+        if os.path.isfile(archive) and filecmp.cmp(tmp, archive, shallow=False):
+            return False
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, archive)
+        return True
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def main() -> None:
+    house, archive = sys.argv[1:3]
+    print(json.dumps({"archive_changed": pack(house, archive)}))
+
+
+if __name__ == "__main__":
+    main()
