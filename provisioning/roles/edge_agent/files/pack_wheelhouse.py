@@ -1,6 +1,6 @@
-"""Pack the controller's wheelhouse into one tar for the devices.
+"""Pack the controller's wheelhouse into one tar for the devices, and describe the edge-agent wheel in it.
 
-    python3 pack_wheelhouse.py WHEELHOUSE ARCHIVE
+    python3 pack_wheelhouse.py WHEELHOUSE ARCHIVE EDGE_AGENT_WHEEL
 
 Runs on the controller (roles/edge_agent/tasks/install.yml). One archive crosses the connection in
 one transfer instead of one round trip per wheel, and only when it changed: its bytes depend on the
@@ -8,7 +8,8 @@ wheels alone (members sorted by name, fixed mtime, owner root, mode 0644), so it
 on every run until a wheel changes. ARCHIVE is rewritten only when its content differs. Hidden files
 (ARCHIVE itself among them) are left out.
 
-Prints JSON: {"archive_changed": bool}.
+Prints JSON: {"archive_changed": bool, "metadata": str, "record": str}, the last two being the
+METADATA and RECORD of EDGE_AGENT_WHEEL, which the device compares with its venv.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import sys
 import tarfile
 import tempfile
+import zipfile
 
 MTIME = 315532800  # 1980-01-01, the SOURCE_DATE_EPOCH the role builds the wheel with
 
@@ -49,9 +51,21 @@ def pack(house: str, archive: str) -> bool:
             os.unlink(tmp)
 
 
+def describe(wheel: str) -> dict[str, str]:
+    """The METADATA and RECORD texts of a wheel."""
+    with zipfile.ZipFile(wheel) as whl:
+        info = next(n for n in whl.namelist() if n.count("/") == 1 and n.endswith(".dist-info/METADATA"))
+        dist_info = info.rsplit("/", 1)[0]
+        return {
+            "metadata": whl.read(f"{dist_info}/METADATA").decode(),
+            "record": whl.read(f"{dist_info}/RECORD").decode(),
+        }
+
+
 def main() -> None:
-    house, archive = sys.argv[1:3]
-    print(json.dumps({"archive_changed": pack(house, archive)}))
+    house, archive, wheel = sys.argv[1:4]
+    changed = pack(house, archive)
+    print(json.dumps({"archive_changed": changed, **describe(wheel)}))
 
 
 if __name__ == "__main__":
