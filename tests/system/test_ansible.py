@@ -8,7 +8,13 @@ print them, ``--check --diff`` included.
 
 from __future__ import annotations
 
+import base64
+import csv
+import hashlib
+import io
+import re
 import shutil
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +40,44 @@ pytestmark = [
 
 FAKE_MQTT_PASSWORD = "vault-mqtt-pw-SYSTEST-51be"  # noqa: S105 - fake secrets that must never be printed
 FAKE_HF_TOKEN = "hf_SYSTESTvaultToken0d4e"  # noqa: S105
+
+
+def changed_tasks(output: str) -> list[str]:
+    """Names of the tasks and handlers a play reports (or, under --check, predicts) as changed."""
+    names: list[str] = []
+    task = ""
+    for line in output.splitlines():
+        head = re.match(r"(?:TASK|RUNNING HANDLER) \[(?:[^\]]* : )?(.*?)\]", line)
+        if head:
+            task = head.group(1)
+        elif line.startswith("changed:") and task and task not in names:
+            names.append(task)
+    return names
+
+
+def rebuilt_wheelhouse(house: Path, into: Path, marker: str) -> Path:
+    """A copy of HOUSE whose edge-agent wheel has the same name and version but other code (MARKER appended to
+    agent/__init__.py, its RECORD line updated): what rebuilding a changed checkout gives."""
+    into.mkdir()
+    for wheel in house.glob("*.whl"):
+        if not wheel.name.startswith("edge_agent-"):
+            shutil.copy2(wheel, into / wheel.name)
+            continue
+        with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(into / wheel.name, "w", zipfile.ZIP_DEFLATED) as dst:
+            files = {info.filename: src.read(info) for info in src.infolist()}
+            files["agent/__init__.py"] += f"\n{marker}\n".encode()
+            record = next(name for name in files if name.endswith(".dist-info/RECORD"))
+            rows = list(csv.reader(io.StringIO(files[record].decode())))
+            for row in rows:
+                if row and row[0] == "agent/__init__.py":
+                    digest = base64.urlsafe_b64encode(hashlib.sha256(files[row[0]]).digest()).rstrip(b"=").decode()
+                    row[1:] = [f"sha256={digest}", str(len(files[row[0]]))]
+            out = io.StringIO()
+            csv.writer(out, lineterminator="\n").writerows(rows)
+            files[record] = out.getvalue().encode()
+            for info in src.infolist():
+                dst.writestr(info, files[info.filename])
+    return into
 
 
 @dataclass
@@ -127,9 +171,7 @@ def test_check_diff_predicts_no_change(fleet: Fleet) -> None:
     record("ansible --check --diff (s)", check.seconds)
     record("ansible --check --diff recap", check.recap)
     assert check.result.returncode == 0, check.output[-6000:]
-    changed = [line for line in check.output.splitlines() if line.startswith(("changed:", "TASK [", "RUNNING HANDLER"))]
-    would_change = [changed[i - 1] for i, line in enumerate(changed) if line.startswith("changed:") and i > 0]
-    assert check.recap["changed"] == 0, f"--check reports changes in: {would_change}"
+    assert check.recap["changed"] == 0, f"--check reports changes in: {changed_tasks(check.output)}"
 
 
 def test_no_run_prints_a_secret(fleet: Fleet) -> None:
@@ -148,3 +190,43 @@ def test_no_run_prints_a_secret(fleet: Fleet) -> None:
                    "/etc/edge-agent/credentials/hf_token"]).stdout
     assert "root:root 600 /etc/edge-agent/credentials/mqtt_password" in modes
     assert "root:root 600 /etc/edge-agent/credentials/hf_token" in modes
+
+
+def test_a_rebuilt_wheel_is_reinstalled_and_restarts_the_service(fleet: Fleet, tmp_path: Path) -> None:
+    """The same edge-agent version with other code (a rebuilt checkout) in the wheelhouse: `--check --diff`
+    predicts the reinstall and the restart and changes nothing; the run reinstalls it and restarts the unit;
+    the run after that changes nothing."""
+    d = fleet.device
+    marker = f"# rebuilt {tmp_path.name}"
+    installed = "/opt/edge-agent/venv/lib/python3*/site-packages/agent/__init__.py"
+    main_pid = d.show()["MainPID"]
+    house = Path(str(fleet.extra["edge_agent_wheelhouse"]))
+    fleet.extra = {**fleet.extra, "edge_agent_wheelhouse": str(rebuilt_wheelhouse(house, tmp_path / "wh", marker))}
+
+    check = fleet.play("--check", "--diff")
+    record("rebuilt wheel: --check --diff (s)", check.seconds)
+    assert check.result.returncode == 0, check.output[-6000:]
+    predicted = changed_tasks(check.output)
+    record("rebuilt wheel: --check predicts", predicted)
+    for task in ("Copy the wheelhouse archive to the device", "Reinstall edge-agent from its rebuilt wheel",
+                 "Restart edge-agent"):
+        assert task in predicted, predicted
+    assert d.show()["MainPID"] == main_pid
+    assert d.sh(f"grep -c '{marker}' {installed} || true").stdout.strip() == "0"
+
+    run = fleet.play()
+    record("rebuilt wheel: run (s)", run.seconds)
+    assert run.result.returncode == 0, run.output[-6000:]
+    done = changed_tasks(run.output)
+    record("rebuilt wheel: run changed", done)
+    for task in ("Copy the wheelhouse archive to the device", "Unpack the wheelhouse on the device",
+                 "Reinstall edge-agent from its rebuilt wheel", "Restart edge-agent"):
+        assert task in done, done
+    assert d.sh(f"grep -c '{marker}' {installed}").stdout.strip() == "1"
+    assert d.show()["MainPID"] not in (main_pid, "0")
+    serving(d, fleet.port, fleet.device_id)
+
+    again = fleet.play()
+    record("rebuilt wheel: next run (s)", again.seconds)
+    assert again.result.returncode == 0, again.output[-6000:]
+    assert again.recap["changed"] == 0, changed_tasks(again.output)
