@@ -449,6 +449,19 @@ def _recap(output: str) -> dict[str, int]:
     return dict(zip(("ok", "changed", "unreachable", "failed"), map(int, match.groups()), strict=True))
 
 
+def _changed_tasks(output: str) -> list[str]:
+    """Names of the tasks and handlers a play reports (or, under --check, predicts) as changed."""
+    names: list[str] = []
+    task = ""
+    for line in output.splitlines():
+        head = re.match(r"(?:TASK|RUNNING HANDLER) \[(?:[^\]]* : )?(.*?)\]", line)
+        if head:
+            task = head.group(1)
+        elif line.startswith("changed:") and task and task not in names:
+            names.append(task)
+    return names
+
+
 def _has_chroot_connection() -> bool:
     return importlib.util.find_spec("ansible_collections.community.general") is not None
 
@@ -732,6 +745,43 @@ class TestPlaybookOnAThrowawayDebian:
         for output in outputs:
             for secret in (MQTT_PASSWORD, HF_TOKEN, "FAKE-KEY-MATERIAL", "FAKE-KEY-ROTATED"):
                 assert secret not in output
+
+    def test_check_mode_after_a_run_predicts_nothing(self, provisioned: dict) -> None:
+        """`--check --diff` right after the runs predicts changed=0: no pip install, no archive copy."""
+        result = provisioned["target"].run([*provisioned["playbook"], "--check", "--diff"], timeout=600)
+        assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+        assert _recap(result.stdout)["changed"] == 0, _changed_tasks(result.stdout)
+
+    def test_a_changed_checkout_is_reinstalled(self, provisioned: dict) -> None:
+        """A source change keeps the version (0.1.0) but changes the wheel the role builds: `--check` predicts the
+        reinstall, the run reinstalls it (the venv then holds the new code), the run after that changes nothing."""
+        target, work = provisioned["target"], provisioned["work"]
+        marker = f"# changed checkout {work.name}"
+        init = work / "source" / "agent" / "__init__.py"
+        init.write_text(init.read_text() + f"\n{marker}\n")
+        installed = "/opt/edge-agent/venv/lib/python3*/site-packages/agent/__init__.py"
+
+        check = target.run([*provisioned["playbook"], "--check", "--diff"], timeout=600)
+        assert check.returncode == 0, check.stdout[-6000:] + check.stderr[-3000:]
+        predicted = _changed_tasks(check.stdout)
+        assert "Copy the wheelhouse archive to the device" in predicted, predicted
+        assert "Reinstall edge-agent from its rebuilt wheel" in predicted, predicted
+        assert target.chroot("sh", "-c", f"grep -c '{marker}' {installed} || true").stdout.strip() == "0"
+
+        run = target.run(provisioned["playbook"], timeout=600)
+        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+        done = _changed_tasks(run.stdout)
+        for task in (
+            "Copy the wheelhouse archive to the device",
+            "Unpack the wheelhouse on the device",
+            "Reinstall edge-agent from its rebuilt wheel",
+        ):
+            assert task in done, done
+        assert target.chroot("sh", "-c", f"grep -c '{marker}' {installed}").stdout.strip() == "1"
+
+        again = target.run(provisioned["playbook"], timeout=600)
+        assert again.returncode == 0, again.stdout[-6000:]
+        assert _recap(again.stdout)["changed"] == 0, _changed_tasks(again.stdout)
 
     def test_reset_fleet_overrides(self, provisioned: dict) -> None:
         """edge_agent_reset_fleet_overrides deletes the fleet override file via the agent; a rerun is changed=0."""
