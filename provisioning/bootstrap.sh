@@ -75,7 +75,7 @@ RUNTIME_PACKAGES=(libgomp1 libstdc++6 libgcc-s1)  # what llama_cpp/lib/*.so link
 INSTALL_LOG="/var/log/edge-agent-install.log"
 OVERRIDES_FILE="$STATE_DIR/fleet/config-overrides.toml"
 # Exit 0 if the venv's llama-cpp-python satisfies the Requires-Dist of the wheel in argv[1]
-# (roles/edge_agent/vars/main.yml has the same code).
+# (roles/edge_agent/vars/main.yml checks the same, and also the other dependencies and the installed files).
 LLAMA_SATISFIED_PY='
 import importlib.metadata as md, sys, zipfile
 from pip._vendor.packaging.requirements import Requirement
