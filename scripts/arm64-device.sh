@@ -501,7 +501,7 @@ ask() { # ask PAYLOAD → the final reply JSON on stdout
     mosquitto_rr -V mqttv5 -h 127.0.0.1 -p "$PORT" -q 1 -t "$PREFIX/$DEVICE_ID/infer" \
         -e "arm64/reply/$$/$RANDOM" -W 3600 -m "$1"
 }
-reply_field() { "$HOST_PY" -c 'import json, sys; r = json.loads(sys.argv[1]); print(eval(sys.argv[2], {}, {"r": r}))' "$1" "$2"; }
+reply_field() { "$HOST_PY" -c 'import json, sys; r = json.loads(sys.argv[1]); print(eval(sys.argv[2], {"r": r}))' "$1" "$2"; }
 QUESTION='{"messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":24,"temperature":0}'
 # The first request also pays for qemu translating the generation code; the second is the steady state.
 for round in cold warm; do
