@@ -61,6 +61,13 @@ def test_every_forwarded_request_ends_once_whatever_the_cloud_sends(items: list[
     relay = Relay(CloudSettings(enabled=True, request_timeout_s=30), prefix="edge", device_id="dev1",
                   clock=lambda: now[0])
     relay._link.publish = lambda *a, **k: None  # type: ignore[method-assign]
+    try:
+        _exercise(relay, items, now)
+    finally:
+        relay._link.stop(timeout=0)  # paho made a wake-up socket pair in its constructor: close it now
+
+
+def _exercise(relay: Relay, items: list[tuple[bytes, str]], now: list[float]) -> None:
     sent: list[tuple[str, bytes]] = []
     outcomes: list[RelayOutcome] = []
     assert relay.forward(b'{"prompt": "hi", "id": "x", "reply_to": "a/b"}', Reply(), "req-1",
