@@ -69,7 +69,7 @@ echo "==> starting edge-agent (log: $WORK/agent.log)"
 "$VENV/bin/edge-agent" run --config "$WORK/agent.toml" > "$WORK/agent.log" 2>&1 &
 AGENT_PID=$!
 for _ in $(seq 1 300); do
-  grep -q '"mqtt_connected"' "$WORK/agent.log" 2>/dev/null && break
+  grep -q '"agent_started"' "$WORK/agent.log" 2>/dev/null && break  # model loaded, serving
   kill -0 "$AGENT_PID" 2>/dev/null || { echo "edge-agent exited:"; cat "$WORK/agent.log"; exit 1; }
   sleep 0.2
 done
