@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.ansible_output import changed_tasks
 from tests.support.fake_hub import FakeHub
 
 pytestmark = pytest.mark.integration
@@ -449,19 +450,6 @@ def _recap(output: str) -> dict[str, int]:
     return dict(zip(("ok", "changed", "unreachable", "failed"), map(int, match.groups()), strict=True))
 
 
-def _changed_tasks(output: str) -> list[str]:
-    """Names of the tasks and handlers a play reports (or, under --check, predicts) as changed."""
-    names: list[str] = []
-    task = ""
-    for line in output.splitlines():
-        head = re.match(r"(?:TASK|RUNNING HANDLER) \[(?:[^\]]* : )?(.*?)\]", line)
-        if head:
-            task = head.group(1)
-        elif line.startswith("changed:") and task and task not in names:
-            names.append(task)
-    return names
-
-
 def _has_chroot_connection() -> bool:
     return importlib.util.find_spec("ansible_collections.community.general") is not None
 
@@ -750,7 +738,7 @@ class TestPlaybookOnAThrowawayDebian:
         """`--check --diff` right after the runs predicts changed=0: no pip install, no archive copy."""
         result = provisioned["target"].run([*provisioned["playbook"], "--check", "--diff"], timeout=600)
         assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-        assert _recap(result.stdout)["changed"] == 0, _changed_tasks(result.stdout)
+        assert _recap(result.stdout)["changed"] == 0, changed_tasks(result.stdout)
 
     def test_a_changed_checkout_is_reinstalled(self, provisioned: dict) -> None:
         """A source change keeps the version (0.1.0) but changes the wheel the role builds: `--check` predicts the
@@ -763,14 +751,14 @@ class TestPlaybookOnAThrowawayDebian:
 
         check = target.run([*provisioned["playbook"], "--check", "--diff"], timeout=600)
         assert check.returncode == 0, check.stdout[-6000:] + check.stderr[-3000:]
-        predicted = _changed_tasks(check.stdout)
+        predicted = changed_tasks(check.stdout)
         assert "Copy the wheelhouse archive to the device" in predicted, predicted
         assert "Reinstall edge-agent from its rebuilt wheel" in predicted, predicted
         assert target.chroot("sh", "-c", f"grep -c '{marker}' {installed} || true").stdout.strip() == "0"
 
         run = target.run(provisioned["playbook"], timeout=600)
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-        done = _changed_tasks(run.stdout)
+        done = changed_tasks(run.stdout)
         for task in (
             "Copy the wheelhouse archive to the device",
             "Unpack the wheelhouse on the device",
@@ -781,7 +769,7 @@ class TestPlaybookOnAThrowawayDebian:
 
         again = target.run(provisioned["playbook"], timeout=600)
         assert again.returncode == 0, again.stdout[-6000:]
-        assert _recap(again.stdout)["changed"] == 0, _changed_tasks(again.stdout)
+        assert _recap(again.stdout)["changed"] == 0, changed_tasks(again.stdout)
 
     def test_reset_fleet_overrides(self, provisioned: dict) -> None:
         """edge_agent_reset_fleet_overrides deletes the fleet override file via the agent; a rerun is changed=0."""

@@ -12,7 +12,6 @@ import base64
 import csv
 import hashlib
 import io
-import re
 import shutil
 import zipfile
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.ansible_output import changed_tasks
 from tests.support.broker import Broker
 from tests.support.fake_hub import FakeHub
 from tests.system.device import NOT_SOURCE, REPO, Device, DeviceError
@@ -40,19 +40,6 @@ pytestmark = [
 
 FAKE_MQTT_PASSWORD = "vault-mqtt-pw-SYSTEST-51be"  # noqa: S105 - fake secrets that must never be printed
 FAKE_HF_TOKEN = "hf_SYSTESTvaultToken0d4e"  # noqa: S105
-
-
-def changed_tasks(output: str) -> list[str]:
-    """Names of the tasks and handlers a play reports (or, under --check, predicts) as changed."""
-    names: list[str] = []
-    task = ""
-    for line in output.splitlines():
-        head = re.match(r"(?:TASK|RUNNING HANDLER) \[(?:[^\]]* : )?(.*?)\]", line)
-        if head:
-            task = head.group(1)
-        elif line.startswith("changed:") and task and task not in names:
-            names.append(task)
-    return names
 
 
 def rebuilt_wheelhouse(house: Path, into: Path, marker: str) -> Path:
