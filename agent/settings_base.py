@@ -7,19 +7,35 @@ telemetry module, and so on); ``agent.settings`` assembles them into the file's 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-_TOPIC_FORBIDDEN = ("+", "#", "\x00")
+NOT_IN_TOPIC_NAME = re.compile(
+    "[+#\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef"
+    + "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17))
+    + "]"
+)
+"""Characters a broker refuses in a topic name besides the wildcards: NUL, lone surrogates (not UTF-8),
+and what MQTT says senders should not use and Mosquitto refuses as a malformed packet: the control
+characters U+0001-U+001F and U+007F-U+009F and the noncharacters. A publish to such a topic gets the
+client disconnected, and a QoS 1 session resends it after every reconnect."""
 
 
 def validate_topic_level(value: str, what: str = "value") -> str:
-    """Reject anything that is not exactly one concrete MQTT topic level."""
+    """Reject anything that is not exactly one concrete MQTT topic level.
+
+    Device ids and group names become topic levels the daemon subscribes and publishes to: a ``/``
+    would let one device own another's topics, a wildcard would subscribe it to theirs, and a control
+    character gets every publish refused by the broker.
+    """
     if not value:
         raise ValueError(f"{what} must not be empty")
-    if "/" in value or any(c in value for c in _TOPIC_FORBIDDEN):
-        raise ValueError(f"{what} must be a single MQTT topic level without '/', '+', '#' or NUL: {value!r}")
+    if "/" in value or NOT_IN_TOPIC_NAME.search(value):
+        raise ValueError(
+            f"{what} must be a single MQTT topic level without '/', '+', '#', NUL or control characters: {value!r}"
+        )
     if len(value.encode()) > 128:
         raise ValueError(f"{what} must be at most 128 bytes")
     return value

@@ -5,26 +5,15 @@ Keeping every topic string in one place means the wire contract (docs/protocol.m
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from agent.settings_base import validate_topic_level
-
-# Characters a broker refuses in a topic name besides the wildcards: NUL, lone surrogates (not UTF-8),
-# and what MQTT says senders should not use and Mosquitto refuses as a malformed packet: the control
-# characters U+0001-U+001F and U+007F-U+009F and the noncharacters. A reply to such a topic gets the
-# daemon itself disconnected, and its QoS 1 session resends that reply after every reconnect.
-_NOT_IN_TOPIC_NAME = re.compile(
-    "[+#\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef"
-    + "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17))
-    + "]"
-)
+from agent.settings_base import NOT_IN_TOPIC_NAME, validate_topic_level
 
 
 def is_concrete_topic(topic: str) -> bool:
     """True when ``topic`` can be published to: not empty, no wildcards, none of the characters brokers
     refuse, at most 65,535 bytes of UTF-8."""
-    return bool(topic) and _NOT_IN_TOPIC_NAME.search(topic) is None and len(topic.encode()) <= 65535
+    return bool(topic) and NOT_IN_TOPIC_NAME.search(topic) is None and len(topic.encode()) <= 65535
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,18 @@ def test_bad_values_fail_with_the_key_path(tmp_path: Path, text: str, path: str)
     """Every invalid key is reported with its dotted path."""
     with pytest.raises(ConfigError, match=path.replace("+", r"\+")):
         load_settings(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("bad", ["a/b", "a+", "#", "a\x00b", "tab\there", "new\nline", "del\x7f", "c1\x85", "nc\ufffe"])
+@pytest.mark.parametrize("key", ["device_id", "groups"])
+def test_device_id_and_groups_refuse_what_is_not_one_concrete_topic_level(
+    tmp_path: Path, bad: str, key: str
+) -> None:
+    """A '/' would reach into another device's topics, a wildcard subscribe to them, and a control
+    character gets every publish refused by the broker: the daemon does not start with one."""
+    value = json.dumps(bad if key == "device_id" else [bad])  # JSON string escapes are TOML's too
+    with pytest.raises(ConfigError, match=key):
+        load_settings(write(tmp_path, f"{key} = {value}\n"))
 
 
 def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
