@@ -618,7 +618,9 @@ def run(args: argparse.Namespace, argv: list[str], work: Path) -> tuple[Outcome,
                    "shutdown_grace_s": 5.0},
         log={"level": args.log_level, "format": "json"},
         telemetry={"interval_s": 5.0, "buffer_dir": str(work / "state" / "telemetry")},
-        fleet={"state_dir": str(work / "state" / "fleet")},
+        # Unsigned commands run (no fleet key): the fuzzer checks every command is handled and answered
+        # once where the caller asked, which a device that refuses them (the default) never does.
+        fleet={"state_dir": str(work / "state" / "fleet"), "allow_unsigned": True},
     )
     daemon = DaemonProcess(config=config, workdir=work).start()
     assert daemon.proc is not None

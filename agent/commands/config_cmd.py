@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from agent.errors import AgentError, ConfigError
+from agent.fleet.settings import PUBKEY_CREDENTIAL
 from agent.permissions import denied, is_denied
 from agent.settings import (
     DEFAULT_CONFIG_PATH,
@@ -74,6 +75,7 @@ def check_json(loaded: LoadedConfig) -> dict[str, Any]:
     """``config check --json``: the effective config, each leaf key's source, and each layer's state."""
     return {
         "config": redacted_dict(loaded.settings),
+        "fleet_commands": fleet_commands(loaded.settings),
         "sources": dict(loaded.sources),
         "layers": [
             {"layer": layer.kind, "where": layer.where, "state": layer.state, "detail": layer.detail,
@@ -96,10 +98,31 @@ def render_check(loaded: LoadedConfig) -> str:
         else:
             state = f"{len(layer.keys)} key(s)" if layer.state == "read" else "not present"
             lines.append(f"# {layer.kind + ':':<15} {layer.where} ({state})")
+    lines.append(f"# fleet commands: {fleet_commands(loaded.settings)['summary']}")
     rows: list[tuple[str, str]] = []
     _rows(redacted_dict(loaded.settings), (), loaded.sources, rows)
     width = min(max((len(text) for text, _ in rows), default=0), 60)
     return "\n".join(lines + [f"{text:<{width}}  # {source}" if source else text for text, source in rows])
+
+
+def fleet_commands(settings: Settings) -> dict[str, Any]:
+    """How the daemon would treat fleet commands with these settings: ``policy`` and a one-line ``summary``.
+
+    Run outside the service, the ``fleet_pubkey`` credential its unit loads is not visible here, so a
+    policy other than ``signed`` says so.
+    """
+    fleet = settings.fleet
+    policy = fleet.command_policy()
+    key = fleet.resolved_public_key()
+    summary = {
+        "signed": f"only signed ones run (fleet public key {key})",
+        "unsigned": "UNSIGNED ONES RUN (fleet.allow_unsigned on, no fleet public key): anyone who can "
+                    "publish to this device's command topics controls it",
+        "refused": "all refused (no fleet public key, fleet.allow_unsigned off)",
+    }[policy]
+    if policy != "signed" and not os.environ.get("CREDENTIALS_DIRECTORY"):
+        summary += f"; the service itself may get a key as the '{PUBKEY_CREDENTIAL}' credential from its unit"
+    return {"policy": policy, "public_key": str(key) if key else None, "summary": summary}
 
 
 def _rows(data: Mapping[str, Any], path: tuple[str, ...], sources: Mapping[str, str],

@@ -1,7 +1,8 @@
 """Fleet commands on the device: wire models, target topics, idempotency and the dispatcher.
 
 A command arrives on one of three topics (device, group, all). :class:`FleetService` authenticates
-it (Ed25519, when configured), answers a redelivered id from the persisted result store instead of
+it (Ed25519 with the fleet public key; a device without a key refuses every command unless
+``[fleet] allow_unsigned``), answers a redelivered id from the persisted result store instead of
 running it again, refuses expired ones, validates the arguments, runs it (slow ones on one worker
 thread, in order) and publishes one result to the caller's reply topic and to
 ``{prefix}/{device_id}/cmd/result``. Whatever happens to one command, the device carries on.
@@ -26,9 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from agent.errors import AgentError, BadRequestError, ConfigError
 from agent.fleet.config_edit import UNSET, atomic_write, edit_overrides, get_value, read_document
-from agent.fleet.settings import FleetSettings
+from agent.fleet.settings import CommandPolicy, FleetSettings
 from agent.fleet.signing import (
     BadSignatureError,
+    NoFleetKeyError,
     ReplayedCommandError,
     SignatureError,
     check_fresh,
@@ -441,12 +443,11 @@ class FleetService:
                                   tuple(settings.groups))
         key_path = fleet.resolved_public_key()
         self._public_key: Ed25519PublicKey | None = load_public_key(key_path) if key_path else None
-        self._require_signature = fleet.signature_required()
-        if self._require_signature and self._public_key is None:
-            raise ConfigError(
-                "fleet.require_signature is on but no public key is configured: set fleet.public_key "
-                "or provide the 'fleet_pubkey' credential"
-            )
+        self._policy: CommandPolicy = fleet.command_policy()
+        # Unauthenticated senders get answers only on our own result topic (never one they chose)
+        # unless unsigned commands are allowed anyway.
+        self._require_signature = self._policy != "unsigned"
+        _log_policy(self._policy, key_path, fleet)
         self._results = JsonLru(state_dir / "results.jsonl", fleet.result_cache_size)
         self._nonces = NonceCache(state_dir / "nonces.jsonl", fleet.nonce_cache_size, fleet.signature_window_s)
         self._pending: dict[str, _Job] = {}
@@ -476,7 +477,13 @@ class FleetService:
 
     @property
     def signature_required(self) -> bool:
+        """True unless unsigned commands are run (``allow_unsigned`` on a device without a key)."""
         return self._require_signature
+
+    @property
+    def policy(self) -> CommandPolicy:
+        """``signed``, ``unsigned`` (allow_unsigned, no key) or ``refused`` (no key): see FleetSettings."""
+        return self._policy
 
     def subscriptions(self) -> list[tuple[str, int]]:
         """Topic filters to subscribe (QoS 1): this device's, each of its groups', and the fleet-wide one."""
@@ -498,7 +505,12 @@ class FleetService:
             return False
         self._arriving, self._arriving_acked = message, False
         try:
-            self._arrive(message, target)
+            if self._policy == "refused":
+                # Nothing could authenticate it: refuse before parsing more than the top-level id.
+                peeked = _peek_id(top_level_strings(message.payload, ("id",)))
+                self._refuse(message, target, peeked, NoFleetKeyError(NO_KEY_MESSAGE), [_Reply(self.topics.result)])
+            else:
+                self._arrive(message, target)
         except Exception as exc:
             # A bug in one command must not take the daemon down, nor leave its message unacknowledged
             # (the broker would hold its flow-control slot and redeliver it after every reconnect).
@@ -713,6 +725,7 @@ class FleetService:
         status.setdefault("device_id", self.topics.device_id)
         status.setdefault("groups", list(self.topics.groups))
         status.setdefault("signature_required", self._require_signature)
+        status.setdefault("commands", self._policy)
         return status
 
     def _config_get(self, args: ConfigGetArgs) -> dict[str, Any]:
@@ -797,6 +810,31 @@ def build_command(
 
 
 # -- helpers -----------------------------------------------------------------------------------------
+
+NO_KEY_MESSAGE = (
+    "this device has no fleet public key and refuses every fleet command: provision the 'fleet_pubkey' "
+    "credential (or set fleet.public_key) and sign commands with 'edge-agent fleet cmd --key', or set "
+    "fleet.allow_unsigned = true to run unsigned commands"
+)
+
+
+def _log_policy(policy: CommandPolicy, key_path: Path | None, fleet: FleetSettings) -> None:
+    """Say at every start how commands are authenticated; loudly when anyone on the broker may run them."""
+    if policy == "unsigned":
+        log.warning(
+            "fleet_unsigned_commands_allowed",
+            reason="fleet.allow_unsigned = true and no fleet public key",
+            risk="anyone who can publish to this device's command topics can run fleet commands on it",
+            fix="provision the 'fleet_pubkey' credential (or fleet.public_key) and remove fleet.allow_unsigned",
+        )
+    elif policy == "refused":
+        log.warning("fleet_commands_refused_no_key", fix=NO_KEY_MESSAGE.split(": ", 1)[1])
+    else:
+        if fleet.allow_unsigned:
+            log.warning("fleet_allow_unsigned_ignored", public_key=str(key_path),
+                        reason="a fleet public key is present: signatures are required")
+        log.info("fleet_signed_commands_required", public_key=str(key_path))
+
 
 
 def _result(rid: str | None, device_id: str, cmd: str, outcome: dict[str, Any] | AgentError) -> CommandResult:

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from agent.settings_base import Section, credentials_dir
 
 PUBKEY_CREDENTIAL = "fleet_pubkey"
 """Name of the systemd credential (``LoadCredential=fleet_pubkey:...``) holding the fleet's public key."""
+
+
+CommandPolicy = Literal["signed", "unsigned", "refused"]
+"""What a device does with fleet commands: require a valid signature, run them unsigned, or refuse them all."""
+
+REMOVED_REQUIRE_SIGNATURE = (
+    "fleet.require_signature was removed: a device with a fleet public key (fleet.public_key or the "
+    "'fleet_pubkey' credential) always requires signatures, and one without a key refuses every fleet "
+    "command. Delete this key; to run unsigned commands on a device without a key, set "
+    "fleet.allow_unsigned = true"
+)
 
 
 class FleetSettings(Section):
@@ -18,9 +31,11 @@ class FleetSettings(Section):
         description="PEM file with the fleet's Ed25519 public key; commands must be signed by its private key. "
         "Default: the systemd credential 'fleet_pubkey' ($CREDENTIALS_DIRECTORY) when present.",
     )
-    require_signature: bool | None = Field(
-        None,
-        description="Refuse unsigned commands. Default (unset): on when a public key is configured, off otherwise.",
+    allow_unsigned: bool = Field(
+        False,
+        description="Run unsigned fleet commands on a device without a fleet public key. Off by default: such a "
+        "device refuses every fleet command. With a key, signatures are required whatever this says. Anyone who "
+        "can publish to the command topics controls a device that allows unsigned commands.",
     )
     signature_window_s: float = Field(
         300.0,
@@ -56,6 +71,19 @@ class FleetSettings(Section):
         10.0, gt=0, description="Operator side: how long 'fleet cmd' waits for results by default."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        # A removed security setting must not be silently ignored nor reinterpreted: stop at start,
+        # naming the key and what replaces it.
+        if isinstance(data, dict) and "require_signature" in data:
+            raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(
+                type=PydanticCustomError("removed_key", REMOVED_REQUIRE_SIGNATURE),
+                loc=("require_signature",),
+                input=data["require_signature"],
+            )])
+        return data
+
     def resolved_public_key(self) -> Path | None:
         """The configured key file, else the systemd credential if it exists, else None."""
         if self.public_key is not None:
@@ -65,8 +93,8 @@ class FleetSettings(Section):
             return creds / PUBKEY_CREDENTIAL
         return None
 
-    def signature_required(self) -> bool:
-        """Explicit ``require_signature`` wins; otherwise signatures are required exactly when a key is present."""
-        if self.require_signature is not None:
-            return self.require_signature
-        return self.resolved_public_key() is not None
+    def command_policy(self) -> CommandPolicy:
+        """``signed`` when a key is present, else ``unsigned`` with ``allow_unsigned``, else ``refused``."""
+        if self.resolved_public_key() is not None:
+            return "signed"
+        return "unsigned" if self.allow_unsigned else "refused"

@@ -42,6 +42,12 @@ class UnsignedCommandError(SignatureError):
     code = "unsigned"
 
 
+class NoFleetKeyError(SignatureError):
+    """The device has no fleet public key (and does not allow unsigned commands): nothing can authenticate."""
+
+    code = "no_fleet_key"
+
+
 class BadSignatureError(SignatureError):
     """The signature does not verify with the fleet's public key (wrong key or tampered payload)."""
 

@@ -32,7 +32,10 @@ def write_config(
     top: dict[str, Any] | None = None,
     **sections: dict[str, Any],
 ) -> Path:
-    """A TOML config for the daemon under test (small, explicit); ``top`` = extra top-level keys (e.g. role)."""
+    """A TOML config for the daemon under test (small, explicit); ``top`` = extra top-level keys (e.g. role).
+
+    Sections are merged key by key into the defaults; the default ``[fleet]`` allows unsigned commands.
+    """
     data: dict[str, dict[str, Any]] = {
         "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": "edge", "reconnect_min_s": 0.2,
                  "reconnect_max_s": 1.0},
@@ -41,7 +44,10 @@ def write_config(
         "log": {"level": "debug", "format": "json"},
         # Keep every daemon's state (fleet results journal, telemetry buffer) inside the test's tmp dir.
         "telemetry": {"buffer_dir": str(path.parent / f"state-{device_id}" / "telemetry")},
-        "fleet": {"state_dir": str(path.parent / f"state-{device_id}" / "fleet")},
+        # Unsigned commands run, so tests that are not about signing need no key; a test that gives
+        # fleet={"public_key": ...} gets signatures required anyway, one about the default passes
+        # fleet={"allow_unsigned": False}.
+        "fleet": {"state_dir": str(path.parent / f"state-{device_id}" / "fleet"), "allow_unsigned": True},
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)

@@ -36,7 +36,13 @@ else:  # until the lead adds [fleet] and groups to Settings
 
 def make_settings(device_id: str = "dev1", groups: list[str] | None = None, port: int = 1883,
                   **fleet: Any) -> Settings:
-    """Settings for one device, with explicit fleet options (no signature unless a key is given)."""
+    """Settings for one device, with explicit fleet options.
+
+    Without a ``public_key`` the device runs unsigned commands (``allow_unsigned``), so tests that are
+    not about signing need no key; pass ``allow_unsigned=False`` to get the production default.
+    """
+    if "public_key" not in fleet:
+        fleet.setdefault("allow_unsigned", True)
     return FleetTestSettings(
         device_id=device_id,
         groups=groups or [],

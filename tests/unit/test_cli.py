@@ -198,6 +198,23 @@ def test_check_json_has_config_sources_and_layers(tmp_path: Path, capsys: pytest
         ("file", "read"), ("fleet-override", "missing"), ("env", "missing")]
 
 
+@pytest.mark.parametrize(
+    ("policy", "shown"),
+    [("refused", "# fleet commands: all refused (no fleet public key, fleet.allow_unsigned off)"),
+     ("unsigned", "# fleet commands: UNSIGNED ONES RUN")],
+)
+def test_check_says_how_fleet_commands_are_treated(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch, policy: str, shown: str) -> None:
+    """config check names the fleet command policy in its header and as fleet_commands in --json."""
+    if policy == "unsigned":
+        monkeypatch.setenv("EDGE_AGENT_FLEET__ALLOW_UNSIGNED", "true")
+    config = config_file(tmp_path, 'device_id = "pi-1"\n')
+    assert main(["config", "check", "--config", str(config)]) == 0
+    assert any(line.startswith(shown) for line in capsys.readouterr().out.splitlines())
+    assert main(["config", "check", "--json", "--config", str(config)]) == 0
+    assert json.loads(capsys.readouterr().out)["fleet_commands"]["policy"] == policy
+
+
 def test_check_says_in_one_line_when_the_override_layer_was_not_readable(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from agent.errors import ConfigError
 from agent.fleet.commands import FleetService, FleetTopics, JsonLru, build_command, command_topic, parse_target
 from agent.fleet.signing import load_private_key, sign_payload, write_keypair
-from agent.settings import OVERRIDES_FILE_NAME
+from agent.settings import OVERRIDES_FILE_NAME, load_config
 from agent.transport.mqtt import Incoming
 from tests.support.fleet import FakeControl, make_settings
 
@@ -320,10 +321,74 @@ def test_redelivered_signed_command_gets_its_stored_result(make: Callable[..., A
     assert control.names() == ["drain"]
 
 
-def test_signature_required_without_a_key_is_a_config_error(make: Callable[..., Any]) -> None:
-    """require_signature = true with no public key refuses to start instead of accepting everything."""
-    with pytest.raises(ConfigError, match="public key"):
-        make(require_signature=True)
+def test_without_a_key_every_command_is_refused_naming_the_fix(make: Callable[..., Any]) -> None:
+    """No key and no allow_unsigned: signed or not, every command is refused 'no_fleet_key' on the device's
+    own result topic only (never the sender's), with the two fixes named; nothing runs, the message is acked."""
+    service, control, sink = make(allow_unsigned=False)
+    assert (service.policy, service.signature_required) == ("refused", True)
+    service.handle(incoming("edge/dev1/cmd/drain", {"id": "d-1"}, response_topic="op/replies"))
+    service.handle(incoming("edge/fleet/cmd/ping", {"id": "p-1", "sig": "AAAA", "reply_to": "op/r"}, mid=2))
+    service.handle(incoming("edge/dev1/cmd/ping", b"\xff not json", mid=3))
+    refusals = sink.on(RESULT)
+    assert [(r.get("id"), r["error"]["code"]) for r in refusals] == [
+        ("d-1", "no_fleet_key"), ("p-1", "no_fleet_key"), (None, "no_fleet_key")]
+    message = refusals[0]["error"]["message"]
+    assert "fleet_pubkey" in message
+    assert "fleet.allow_unsigned = true" in message
+    assert sink.on("op/replies") == sink.on("op/r") == []
+    assert control.names() == []
+    assert sink.acked == [1, 2, 3]
+
+
+def test_every_start_says_how_commands_are_authenticated(make: Callable[..., Any],
+                                                         signer: tuple[Path, Path]) -> None:
+    """allow_unsigned without a key logs fleet_unsigned_commands_allowed (warning) at each start; no key logs
+    fleet_commands_refused_no_key; a key logs fleet_signed_commands_required, and allow_unsigned beside it
+    is reported as ignored."""
+    with capture_logs() as logs:
+        make(allow_unsigned=True)
+        make(allow_unsigned=True)
+        make(allow_unsigned=False)
+        make(public_key=signer[1], allow_unsigned=True)
+    events = [(e["event"], e["log_level"]) for e in logs]
+    assert events == [
+        ("fleet_unsigned_commands_allowed", "warning"),
+        ("fleet_unsigned_commands_allowed", "warning"),
+        ("fleet_commands_refused_no_key", "warning"),
+        ("fleet_allow_unsigned_ignored", "warning"),
+        ("fleet_signed_commands_required", "info"),
+    ]
+
+
+def test_a_key_requires_signatures_even_with_allow_unsigned(make: Callable[..., Any],
+                                                            signer: tuple[Path, Path]) -> None:
+    """allow_unsigned only matters without a key: with one, an unsigned command is refused 'unsigned'."""
+    service, control, sink = make(public_key=signer[1], allow_unsigned=True)
+    assert service.policy == "signed"
+    service.handle(incoming("edge/dev1/cmd/drain", {"id": "d-1"}))
+    service.handle(incoming("edge/dev1/cmd/drain", signed("drain", "device:dev1", signer[0]), mid=2))
+    assert [r["ok"] if r["ok"] else r["error"]["code"] for r in sink.on(RESULT)] == ["unsigned", True]
+    assert control.names() == ["drain"]
+
+
+def test_status_reports_the_command_policy(make: Callable[..., Any]) -> None:
+    """The status command says how this device treats fleet commands ('unsigned' here)."""
+    service, _, sink = make(allow_unsigned=True)
+    service.handle(incoming("edge/dev1/cmd/status", {"id": "s-1"}))
+    result = sink.on(RESULT)[0]["result"]
+    assert (result["commands"], result["signature_required"]) == ("unsigned", False)
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_removed_require_signature_stops_the_config_naming_the_replacement(tmp_path: Path, value: bool) -> None:
+    """fleet.require_signature (removed) in the file is a config error naming the key path and allow_unsigned."""
+    config = tmp_path / "agent.toml"
+    config.write_text(f'device_id = "dev1"\n[fleet]\nrequire_signature = {str(value).lower()}\n'
+                      f'state_dir = "{tmp_path / "state"}"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(config, required=True, environ={})
+    assert "fleet.require_signature: fleet.require_signature was removed" in str(caught.value)
+    assert "fleet.allow_unsigned = true" in str(caught.value)
 
 
 def test_signatures_default_on_with_the_systemd_credential(
@@ -343,7 +408,7 @@ def test_signatures_default_on_with_the_systemd_credential(
 # The same values make_settings() uses, so the file and the running settings agree before the edit.
 CONFIG = (
     'device_id = "dev1"\ngroups = ["blue", "kitchen"]\n[mqtt]\nhost = "127.0.0.1"\n'
-    "reconnect_min_s = 0.2\nreconnect_max_s = 1.0\n"
+    "reconnect_min_s = 0.2\nreconnect_max_s = 1.0\n[fleet]\nallow_unsigned = true\n"
 )
 
 
