@@ -30,7 +30,7 @@ from typing import Any, Literal, Protocol
 
 import structlog
 
-from agent.errors import BadRequestError
+from agent.errors import BadRequestError, TooLargeError
 from agent.services.cloud_settings import CloudSettings
 from agent.transport.limits import check_payload
 from agent.transport.mqtt import Connected, Disconnected, Incoming, LinkEvent, MqttLink
@@ -266,14 +266,22 @@ class CloudRelay:
                 started=started,
                 deadline=started + timeout,
             )
-        self._link.publish(
-            self.infer_topic,
-            _rewrite_request(request_payload, request_id),
-            qos=1,
-            response_topic=self.reply_topic,
-            correlation_data=token,
-            message_expiry_s=max(1, math.ceil(timeout)),
-        )
+        try:
+            self._link.publish(
+                self.infer_topic,
+                _rewrite_request(request_payload, request_id),
+                qos=1,
+                response_topic=self.reply_topic,
+                correlation_data=token,
+                message_expiry_s=max(1, math.ceil(timeout)),
+            )
+        except TooLargeError as exc:  # over the cloud broker's packet limit: answered here, once
+            with self._lock:
+                self._pending.pop(token, None)
+            self._send_error(reply.topic, reply.correlation_data, request_id, reply_publish, code=exc.code,
+                             message=f"the cloud broker cannot take this request: {exc}")  # fmt: skip
+            self._done(on_done, RelayOutcome(request_id, "error", self._ms_since(started)))
+            return True
         log.debug("relay_forwarded", id=request_id, topic=self.infer_topic)
         return True
 

@@ -8,6 +8,13 @@ that lost our session (restart without persistence, expired session) would other
 With ``tls = true`` every attempt is a verified TLS handshake (agent/transport/tls.py); a failed one
 is logged as ``mqtt_tls_failed`` with a reason and handed on as :class:`Disconnected` with ``tls``
 set, then retried with the same backoff. Nothing here ever connects without TLS instead.
+
+A QoS 1 message the broker refuses by closing the connection would be resent after every reconnect
+(paho keeps unacknowledged messages and resends them, session or not): the link would never stay up.
+Two guards keep that from happening: a message larger than the Maximum Packet Size the broker
+announced is refused at :meth:`MqttLink.publish` (``TooLargeError``, so the caller can answer with an
+error instead), and a message that is the oldest unacknowledged one at two disconnects in a row for
+which an MQTT 5 broker blamed a packet (malformed, protocol error, invalid topic, too large) is dropped.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.errors import TransportError
+from agent.errors import TooLargeError, TransportError
 from agent.settings import MqttSettings
 from agent.settings_base import credentials_dir
 from agent.transport.tls import (
@@ -41,6 +48,11 @@ from agent.transport.tls import (
 log = structlog.get_logger("agent.transport")
 
 _TLS_LOG_EVERY_S = 300.0  # a TLS failure that persists is logged again at error level this often
+
+# MQTT 5 DISCONNECT reason codes with which a broker refuses a packet we sent (Mosquitto: 0x81 for a
+# topic holding a control character, 0x95 over max_packet_size). Resending that packet cannot succeed.
+_REFUSED_PACKET = frozenset({0x81, 0x82, 0x90, 0x95, 0x99})
+_STRIKES = 2  # a message blamed this many times in a row is dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +167,8 @@ class MqttLink:
         self._tls_logged_at = 0.0
         self._session_opened = False  # this attempt got through the TLS handshake
         self._connack_seen = False  # ... and the broker answered CONNECT
+        self._max_packet: int | None = None  # the broker's Maximum Packet Size (MQTT 5 CONNACK), if it set one
+        self._blamed: tuple[paho.MQTTMessage, int] | None = None  # the message a broker refusal was blamed on
         self._client = paho.Client(
             paho.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]  # paho re-exports it untyped
             client_id=client_id,
@@ -276,7 +290,11 @@ class MqttLink:
         response_topic: str | None = None,
         message_expiry_s: int | None = None,
     ) -> None:
-        """Queue a message; paho sends it now or after reconnect (QoS > 0)."""
+        """Queue a message; paho sends it now or after reconnect (QoS > 0).
+
+        Raises ``TooLargeError`` (queuing nothing) when the packet would exceed the Maximum Packet Size
+        the broker announced: the broker would disconnect us for it, after every reconnect.
+        """
         properties = None
         if self._v5 and (correlation_data is not None or response_topic or message_expiry_s):
             properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -286,6 +304,14 @@ class MqttLink:
                 properties.ResponseTopic = response_topic
             if message_expiry_s:
                 properties.MessageExpiryInterval = message_expiry_s
+        limit = self._max_packet
+        if limit is not None:
+            size = _publish_packet_size(topic, payload, qos, properties, v5=self._v5)
+            if size > limit:
+                log.warning("mqtt_publish_too_large", link=self.name, topic=topic, bytes=size, limit=limit)
+                raise TooLargeError(
+                    f"the message ({size} bytes) is larger than the broker accepts ({limit} bytes)"
+                )
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             log.warning("publish_failed", topic=topic, rc=int(info.rc))
@@ -331,6 +357,8 @@ class MqttLink:
             client.subscribe(subs)
         else:
             self._subscribed.set()
+        # Absent when the broker sets no limit (and always with MQTT 3.1.1).
+        self._max_packet = getattr(properties, "MaximumPacketSize", None) if self._v5 else None
         self._connected.set()
         self._tls_failure = None
         session_present = bool(getattr(flags, "session_present", False))
@@ -375,6 +403,13 @@ class MqttLink:
             return
         if was_connected:
             log.warning("mqtt_disconnected", link=self.name, reason=str(reason_code))
+            refused = getattr(flags, "is_disconnect_packet_from_server", False) and (
+                getattr(reason_code, "value", None) in _REFUSED_PACKET
+            )
+            if refused:  # now, before paho's reconnect resends everything still unacknowledged
+                self._blame_refused(client, str(reason_code))
+            else:
+                self._forget_blame()
         elif self._tls is not None and self._session_opened and not self._connack_seen:
             # Closed between the handshake and CONNACK: with TLS 1.3, how a refused client certificate looks.
             failure = self._session_failure()
@@ -382,6 +417,37 @@ class MqttLink:
                 self._report_tls(failure)
                 return
         self._on_event(Disconnected(reason=str(reason_code)))
+
+    def _blame_refused(self, client: paho.Client, reason: str) -> None:
+        """The broker refused a packet of ours: blame the oldest unacknowledged message; drop it the second time.
+
+        Mosquitto handles packets in order and closes at the refused one; messages sent before it have
+        been acknowledged by then, so the oldest unacknowledged one is the culprit (or, at worst, a message
+        whose PUBACK was lost, which is acknowledged after the resend and so is never blamed twice).
+        """
+        with client._out_message_mutex:
+            culprit = next((m for m in client._out_messages.values()
+                            if m.qos > 0 and m.state == paho.mqtt_ms_wait_for_puback), None)  # fmt: skip
+            if culprit is None:
+                self._forget_blame()
+                return
+            previous = self._blamed
+            strikes = previous[1] + 1 if previous is not None and previous[0] is culprit else 1
+            if strikes < _STRIKES:
+                self._blamed = (culprit, strikes)
+                log.warning("mqtt_publish_blamed", link=self.name, topic=culprit.topic, bytes=len(culprit.payload),
+                            reason=reason, strikes=strikes)  # fmt: skip
+                return
+            client._out_messages.pop(culprit.mid, None)
+            self._blamed = None
+        culprit.info.rc = paho.MQTT_ERR_CONN_REFUSED
+        culprit.info._set_as_published()  # nobody waits on it forever
+        log.error("mqtt_publish_dropped", link=self.name, topic=culprit.topic, bytes=len(culprit.payload),
+                  reason=reason, strikes=strikes,
+                  hint="the broker refuses this message; it was dropped so the link can stay up")  # fmt: skip
+
+    def _forget_blame(self) -> None:
+        self._blamed = None
 
     def _session_failure(self) -> TlsFailure | None:
         assert self._tls is not None
@@ -440,3 +506,19 @@ class MqttLink:
     def _wait_published(info: paho.MQTTMessageInfo, timeout: float) -> None:
         with contextlib.suppress(RuntimeError, ValueError):  # not queued / connection gone: nothing to wait for
             info.wait_for_publish(timeout)
+
+
+def _varint_len(n: int) -> int:
+    length = 1
+    while n >= 128:
+        n //= 128
+        length += 1
+    return length
+
+
+def _publish_packet_size(topic: str, payload: bytes, qos: int, properties: Properties | None, *, v5: bool) -> int:
+    """The size of the PUBLISH packet paho will send, as a broker's Maximum Packet Size counts it."""
+    remaining = 2 + len(topic.encode()) + (2 if qos > 0 else 0) + len(payload)
+    if v5:
+        remaining += len(properties.pack()) if properties is not None else 1  # type: ignore[no-untyped-call]
+    return 1 + _varint_len(remaining) + remaining
