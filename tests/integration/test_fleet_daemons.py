@@ -284,6 +284,8 @@ def test_config_set_validates_persists_and_survives_a_restart_command(start_daem
     again = DaemonProcess(config=daemon.config, workdir=daemon.workdir).start()
     try:
         again.wait_event("agent_started", timeout=60)
+        # allow_unsigned is announced at every start, not once per state directory.
+        assert again.wait_event("fleet_unsigned_commands_allowed", timeout=1)["level"] == "warning"
         with operator_on(broker.port) as op:
             after = command(op, "dev1", "config-get", {"key": "inference.max_queue"})
             redelivered = command(op, "dev1", "restart", command_id="restart-1")
@@ -381,14 +383,84 @@ def test_set_model_swaps_between_requests_without_dropping_queued_ones(tmp_path:
 # -- signed commands -----------------------------------------------------------------------------------
 
 
-def test_signed_daemon_runs_only_commands_signed_by_the_fleet_key(start_daemon, broker: Broker,
-                                                                  tmp_path: Path) -> None:
-    """With [fleet] public_key from `fleet keygen`, unsigned and tampered commands are refused; signed ones run."""
+def test_a_daemon_without_a_key_refuses_every_command_naming_the_fix(start_daemon, broker: Broker,
+                                                                     tmp_path: Path) -> None:
+    """No fleet key and no allow_unsigned (the default): unsigned and signed commands are both refused
+    'no_fleet_key' with a message naming the credential and fleet.allow_unsigned, nothing runs, the start
+    log says so, and the daemon keeps serving."""
     operator_config = write_operator_config(tmp_path / "op.toml", broker.port)
     keys = tmp_path / "keys"
     assert run_fleet_cli("keygen", "--out", str(keys), config=operator_config).returncode == 0
-    start_daemon("dev1", fleet={"public_key": str(keys / "fleet_pubkey.pem"),
-                                "state_dir": str(tmp_path / "state-dev1" / "fleet")})
+    daemon = start_daemon("dev1", fleet={"allow_unsigned": False})
+    assert daemon.wait_event("fleet_commands_refused_no_key")["level"] == "warning"
+    unsigned = run_fleet_cli("cmd", "dev1", "drain", "--json", "--timeout", "5", config=operator_config)
+    signed = run_fleet_cli("cmd", "dev1", "drain", "--json", "--timeout", "5", "--key",
+                           str(keys / "fleet_key.pem"), config=operator_config)
+    assert (unsigned.returncode, signed.returncode) == (1, 1)
+    for run in (unsigned, signed):
+        error = by_device(json.loads(run.stdout))["dev1"]["error"]
+        assert error["code"] == "no_fleet_key", error
+        assert "'fleet_pubkey' credential" in error["message"]
+        assert "fleet.allow_unsigned = true" in error["message"]
+    client = Client(broker.port)
+    try:
+        assert client.retained("edge/dev1/status")["state"] == "online"  # the drains did not run
+        reply = client.collect(client.request("dev1", {"id": "still-serving", "prompt": "hi", "max_tokens": 2}))
+    finally:
+        client.close()
+    assert "error" not in json.loads(reply[-1].payload)
+    assert not [e for e in daemon.events() if e.get("event") == "fleet_command_done"]
+
+
+def test_allow_unsigned_daemons_say_so_loudly_at_start(fleet: Fleet) -> None:
+    """The module's daemons (fleet.allow_unsigned = true, no key) each logged fleet_unsigned_commands_allowed
+    as a warning when they started, and ran the unsigned commands of the tests above."""
+    for device, daemon in fleet.daemons.items():
+        event = daemon.wait_event("fleet_unsigned_commands_allowed", timeout=1)
+        assert event["level"] == "warning", (device, event)
+        assert "anyone who can publish" in event["risk"]
+    code, out = fleet_cmd(fleet, "all", "ping")
+    assert code == 0, out
+
+
+class ResultReader:
+    """Publishes crafted command payloads and reads their results off ``edge/dev1/cmd/result`` by id."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        client.subscribe("edge/dev1/cmd/result")
+        client.subscribe("test/sender-chosen")
+
+    def send(self, topic: str, payload: dict[str, Any], *, sender_topic: bool = True) -> dict[str, Any]:
+        """The result for ``payload['id']``; refusals must not reach the sender's Response Topic."""
+        self.client.publish(topic, payload, response_topic="test/sender-chosen" if sender_topic else None)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                message = self.client.messages.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            body = json.loads(message.payload)
+            if message.topic == "edge/dev1/cmd/result" and body.get("id") == payload["id"]:
+                return body
+            assert message.topic != "test/sender-chosen" or body.get("ok"), f"a refusal reached the sender: {body}"
+        raise AssertionError(f"no result for {payload['id']} on {topic}")
+
+
+def test_signed_daemon_runs_only_commands_signed_by_the_fleet_key(start_daemon, broker: Broker,
+                                                                  tmp_path: Path) -> None:
+    """With [fleet] public_key from `fleet keygen`, one daemon refuses every forgery and keeps answering good
+    commands: unsigned → 'unsigned'; another key, a tampered payload, a command signed for another device or
+    another command → 'bad_signature'; issued_at an hour old or ahead → 'stale'; the same signed message
+    again → its stored result (duplicate, not run again), and once that fell out of the result store →
+    'replayed'. None is answered on the sender's Response Topic, and a good signed command still runs."""
+    operator_config = write_operator_config(tmp_path / "op.toml", broker.port)
+    keys = tmp_path / "keys"
+    assert run_fleet_cli("keygen", "--out", str(keys), config=operator_config).returncode == 0
+    assert run_fleet_cli("keygen", "--out", str(tmp_path / "intruder"), config=operator_config).returncode == 0
+    daemon = start_daemon("dev1", fleet={"public_key": str(keys / "fleet_pubkey.pem"), "allow_unsigned": False,
+                                         "result_cache_size": 16})
+    assert daemon.wait_event("fleet_signed_commands_required")["public_key"] == str(keys / "fleet_pubkey.pem")
     watcher = Client(broker.port)
     try:
         watcher.retained("edge/dev1/status", state="online")  # subscribed by now (same connection, earlier)
@@ -403,15 +475,42 @@ def test_signed_daemon_runs_only_commands_signed_by_the_fleet_key(start_daemon, 
     assert signed.returncode == 0, signed.stdout + signed.stderr
     assert by_device(json.loads(signed.stdout))["dev1"]["result"]["draining"] is True
 
-    # A signed `resume` whose args were changed in transit is refused, and nothing runs.
-    payload = build_command("resume", {}, *parse_target("dev1"), key=load_private_key(keys / "fleet_key.pem"))
-    tampered = {**payload, "args": {"extra": 1}}
+    key, intruder = load_private_key(keys / "fleet_key.pem"), load_private_key(tmp_path / "intruder" / "fleet_key.pem")
+    dev1 = parse_target("dev1")
+
+    def resume(**kw: Any) -> dict[str, Any]:
+        return build_command("resume", {}, *dev1, **{"key": key, **kw})
+
     client = Client(broker.port)
     try:
-        client.subscribe("edge/dev1/cmd/result")
-        client.publish("edge/dev1/cmd/resume", tampered)
-        refusal = json.loads(client.messages.get(timeout=10).payload)
-        assert client.retained("edge/dev1/status")["state"] == "draining"
+        reader = ResultReader(client)
+        first = build_command("ping", {}, *dev1, key=key)
+        assert reader.send("edge/dev1/cmd/ping", first, sender_topic=False)["ok"] is True
+        forged = {
+            "unsigned": ("edge/dev1/cmd/resume", build_command("resume", {}, *dev1)),
+            "other key": ("edge/dev1/cmd/resume", resume(key=intruder)),
+            "tampered": ("edge/dev1/cmd/resume", {**resume(), "args": {"extra": 1}}),
+            "for dev2": ("edge/dev1/cmd/resume", build_command("resume", {}, "device", "dev2", key=key)),
+            "for ping": ("edge/dev1/cmd/resume", {**build_command("ping", {}, *dev1, key=key)}),
+            "hour old": ("edge/dev1/cmd/resume", resume(now=time.time() - 3600)),
+            "hour ahead": ("edge/dev1/cmd/resume", resume(now=time.time() + 3600)),
+        }
+        codes = {case: reader.send(topic, payload)["error"]["code"] for case, (topic, payload) in forged.items()}
+        again = reader.send("edge/dev1/cmd/ping", first)
+        for i in range(16):  # push the first ping's result out of the store (result_cache_size 16)
+            assert reader.send("edge/dev1/cmd/ping", build_command("ping", {}, *dev1, key=key,
+                                                                   command_id=f"fill-{i}"))["ok"]
+        replayed = reader.send("edge/dev1/cmd/ping", first)
+        assert client.retained("edge/dev1/status")["state"] == "draining"  # no forged resume ran
+        good = reader.send("edge/dev1/cmd/resume", resume())
+        assert client.retained("edge/dev1/status", state="online")["state"] == "online"
     finally:
         client.close()
-    assert (refusal["id"], refusal["ok"], refusal["error"]["code"]) == (payload["id"], False, "bad_signature")
+    assert codes == {"unsigned": "unsigned", "other key": "bad_signature", "tampered": "bad_signature",
+                     "for dev2": "bad_signature", "for ping": "bad_signature", "hour old": "stale",
+                     "hour ahead": "stale"}
+    assert (again["ok"], again["duplicate"]) == (True, True)
+    assert (replayed["ok"], replayed["error"]["code"]) == (False, "replayed")
+    assert (good["ok"], good["result"]) == (True, {"draining": False})
+    runs = [e for e in daemon.events() if e.get("event") == "fleet_command_done" and e.get("id") == first["id"]]
+    assert len(runs) == 1
