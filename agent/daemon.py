@@ -37,7 +37,7 @@ from agent.services.bulkhead import Bulkhead, BulkheadCounters
 from agent.services.ha_discovery import discovery_messages
 from agent.services.inference import InferenceService, ReplyAddress
 from agent.services.offload import CloudRelay, OffloadFlags, expected_wait_ms, should_offload
-from agent.services.telemetry import Event, Mode, RuntimeView, build_telemetry, event_from_action
+from agent.services.telemetry import Event, LimitCounts, Mode, RuntimeView, build_telemetry, event_from_action
 from agent.services.telemetry_buffer import TelemetryBuffer
 from agent.settings import Settings, fleet_overrides_path
 from agent.transport.failover import FailoverLink
@@ -229,6 +229,8 @@ class Daemon:
         self._policy = PolicyState.initial(self._model.threads)
         service = InferenceService(engine, link, settings.inference, settings.device_id, self._model.name)
         service.served_by = "cloud" if settings.role == "cloud" else settings.device_id
+        if self.cloud_infer:  # relayed by edge devices: one relay reply topic speaks for many callers
+            service.unmetered_topics = frozenset({self.cloud_infer.split("/", 2)[2]})
         self._service = service
         if settings.cloud.enabled and settings.role == "edge":
             self._relay = CloudRelay(settings.cloud, prefix=self._prefix, device_id=settings.device_id,
@@ -329,6 +331,7 @@ class Daemon:
         bulkhead = self._bulkhead = Bulkhead(
             self._link,
             max_bytes=lambda: self.settings.inference.max_payload_bytes,
+            max_elements=lambda: self.settings.inference.max_json_elements,
             state_dir=_writable_dir(self.settings.fleet.state_dir, "fleet"),
             on_quarantine=lambda m, n: self.emit_event("message_quarantined", "crashed_while_handling",
                                                        {"attempts": n, "bytes": len(m.payload)}),
@@ -568,6 +571,8 @@ class Daemon:
             messages_rejected=counts.rejected,
             messages_dropped=counts.dropped,
             messages_quarantined=counts.quarantined,
+            limits=LimitCounts(payload_bytes=counts.payload_bytes, json_depth=counts.json_depth,
+                               json_elements=counts.json_elements, **service.limits.as_dict()),
         )
 
     def _make_buffer(self) -> TelemetryBuffer | None:

@@ -57,6 +57,16 @@ class OverloadedError(AgentError):
         self.retry_after_ms = retry_after_ms
 
 
+class RateLimitedError(OverloadedError):
+    """One caller (one reply address) sent more requests than ``inference.rate_per_client_per_s`` allows.
+
+    An :class:`OverloadedError` by category (both mean "try again later"); ``retry_after_ms`` says when
+    the caller's next request will be admitted.
+    """
+
+    code = "rate_limited"
+
+
 class ModelUnavailableError(AgentError):
     """No model is loaded (loading, swapping, failed or missing)."""
 
@@ -91,6 +101,7 @@ ERROR_CODES: tuple[str, ...] = (
     "bad_request",
     "too_large",
     "overloaded",
+    "rate_limited",
     "model_unavailable",
     "cancelled",
     "timeout",

@@ -100,12 +100,58 @@ class ModelSettings(Section):
 
 
 class InferenceSettings(Section):
-    max_queue: int = Field(8, ge=0, le=10_000, description="Requests waiting behind the running one.")
+    """Config ``[inference]``: admission, limits and replies. Every key applies live (fleet ``config-set``)."""
+
+    max_queue: int = Field(
+        8, ge=0, le=10_000,
+        description="Requests waiting behind the running one; one more is refused with 'overloaded' "
+        "(counted in telemetry limits.queue_full).",
+    )
     max_payload_bytes: int = Field(
-        65_536, ge=256, description="Larger request payloads are refused with 'too_large'."
+        65_536, ge=256,
+        description="Larger payloads (any topic) are refused with 'too_large' before parsing "
+        "(limits.payload_bytes).",
+    )
+    max_json_elements: int = Field(
+        4096, ge=16,
+        description="Most JSON elements in a payload (any topic), counted before parsing as commas and opening "
+        "brackets outside strings; more is refused with 'too_large' (limits.json_elements). A request with 64 "
+        "messages counts about 200.",
+    )
+    max_messages: int = Field(
+        64, ge=1,
+        description="Most chat messages in one request; more is refused with 'too_large' right after parsing "
+        "(limits.messages).",
+    )
+    max_stop_sequences: int = Field(
+        8, ge=0,
+        description="Most stop sequences in one request; more is refused with 'bad_request' (limits.stop).",
+    )
+    max_stop_chars: int = Field(
+        64, ge=1,
+        description="Longest stop sequence in characters (the stream holds back that much text while it "
+        "matches); longer is refused with 'bad_request' (limits.stop).",
+    )
+    max_prompt_tokens: int | None = Field(
+        None, ge=1,
+        description="Most prompt tokens (after the chat template and tokenizer), checked before the prompt is "
+        "evaluated; more is refused with 'too_large' giving both numbers (limits.prompt_tokens). Unset: the "
+        "context (model.n_ctx) is the only bound. Set it to cap prompt-evaluation time below what fits.",
     )
     max_tokens_limit: int = Field(
-        1024, ge=1, description="Upper bound on a request's max_tokens (larger values are clamped)."
+        1024, ge=1,
+        description="Upper bound on a request's max_tokens: larger values are clamped, not refused "
+        "(limits.max_tokens_clamped).",
+    )
+    rate_per_client_per_s: float = Field(
+        10.0, ge=0,
+        description="Requests per second admitted from one caller, a token bucket per reply address (MQTT 5 "
+        "Response Topic, else the payload's reply_to: subscribers never see the sender's client id); more is "
+        "refused with 'rate_limited' and retry_after_ms (limits.rate_limited). 0 = off. Requests relayed by "
+        "edge devices on the cloud's shared topic are not metered (one relay speaks for many callers).",
+    )
+    rate_burst: int = Field(
+        20, ge=1, description="Requests one caller may send at once before rate_per_client_per_s applies."
     )
     default_max_tokens: int = Field(128, ge=1, description="max_tokens when a request gives none.")
     dedup_window_s: float = Field(

@@ -5,7 +5,7 @@ cloud's shared topic; cancels; fleet commands), :meth:`Bulkhead.run`:
 
 1. quarantines a redelivery that was running during :data:`~agent.services.quarantine.QUARANTINE_AFTER`
    earlier crashes (see :mod:`agent.services.quarantine`);
-2. checks the payload's size and JSON nesting before any parser sees it
+2. checks the payload's size, JSON nesting and element count before any parser sees it
    (:func:`agent.transport.limits.check_payload`);
 3. runs the handler, and turns anything it raises (RecursionError, MemoryError, a validation error,
    a bug) into an error reply.
@@ -29,9 +29,15 @@ from typing import Protocol
 
 import structlog
 
-from agent.errors import AgentError, BadRequestError, TooLargeError
+from agent.errors import AgentError, BadRequestError
 from agent.services.quarantine import FILE_NAME, QUARANTINE_AFTER, QuarantineStore, fingerprint
-from agent.transport.limits import MAX_JSON_DEPTH, check_payload
+from agent.transport.limits import (
+    MAX_JSON_DEPTH,
+    PayloadTooLargeError,
+    TooDeepError,
+    TooManyElementsError,
+    check_payload,
+)
 from agent.transport.mqtt import Incoming
 
 log = structlog.get_logger("agent.bulkhead")
@@ -69,6 +75,18 @@ class BulkheadCounters:
     rejected: int = 0  # refused with an error reply (limits, crashed handler)
     dropped: int = 0  # refused without anyone to answer (no reply address), or not ours
     quarantined: int = 0  # redeliveries refused after repeated crashes
+    # The same refusals by limit (answered or not), for telemetry ``limits``.
+    payload_bytes: int = 0
+    json_depth: int = 0
+    json_elements: int = 0
+
+
+# check_payload's errors → the message_rejected log reason and the counter.
+_LIMIT_REASONS: dict[type[BadRequestError], tuple[str, str]] = {
+    PayloadTooLargeError: ("too_large", "payload_bytes"),
+    TooDeepError: ("too_deep", "json_depth"),
+    TooManyElementsError: ("too_many_elements", "json_elements"),
+}
 
 
 class Bulkhead:
@@ -81,14 +99,17 @@ class Bulkhead:
         max_bytes: Callable[[], int],
         state_dir: Path | None,
         max_depth: int = MAX_JSON_DEPTH,
+        max_elements: Callable[[], int | None] = lambda: None,
         on_quarantine: Callable[[Incoming, int], None] | None = None,
         test_hooks: bool = False,
     ) -> None:
-        """``max_bytes`` is read per message (a live config change applies to the next one); without a
-        writable ``state_dir`` quarantine is off (logged) and the rest still protects the daemon."""
+        """``max_bytes`` and ``max_elements`` are read per message (a live config change applies to the
+        next one); without a writable ``state_dir`` quarantine is off (logged) and the rest still protects
+        the daemon."""
         self._link = link
         self._max_bytes = max_bytes
         self._max_depth = max_depth
+        self._max_elements = max_elements
         self._on_quarantine = on_quarantine
         self._test_hooks = test_hooks
         self.counters = BulkheadCounters()
@@ -137,9 +158,11 @@ class Bulkhead:
                 self._quarantine(message, refuse, attempts)
                 return
         try:
-            check_payload(message.payload, self._max_bytes(), self._max_depth)
+            check_payload(message.payload, self._max_bytes(), self._max_depth, self._max_elements())
         except BadRequestError as exc:
-            self._refuse(message, refuse, exc, "too_large" if isinstance(exc, TooLargeError) else "too_deep")
+            reason, limit = _LIMIT_REASONS.get(type(exc), ("too_large", "payload_bytes"))
+            setattr(self.counters, limit, getattr(self.counters, limit) + 1)
+            self._refuse(message, refuse, exc, reason)
             return
         if charge:
             if key is not None:

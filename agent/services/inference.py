@@ -21,8 +21,17 @@ from typing import Any
 import structlog
 
 from agent.engine.llama import GenerationResult, LlamaEngine, SamplingParams
-from agent.errors import AgentError, BadRequestError, CancelledError, DeadlineExceededError, OverloadedError
+from agent.errors import (
+    ERROR_CODES,
+    AgentError,
+    BadRequestError,
+    CancelledError,
+    DeadlineExceededError,
+    OverloadedError,
+    RateLimitedError,
+)
 from agent.services.queueing import BoundedQueue, RecentKeys, deadline_for
+from agent.services.request_limits import LimitCounters, RateLimiter, check_prompt, check_request, clamped_max_tokens
 from agent.settings import InferenceSettings
 from agent.transport.mqtt import Incoming, Link
 from agent.transport.topics import is_concrete_topic
@@ -86,6 +95,7 @@ class InferenceService:
         self._model_name = model_name
         self._queue: BoundedQueue[Job] = BoundedQueue(capacity=settings.max_queue + 1)
         self._recent = RecentKeys(settings.dedup_window_s)
+        self._rate = RateLimiter(settings.rate_per_client_per_s, settings.rate_burst)
         self._lock = threading.Lock()
         self._in_system = 0
         self._current: Job | None = None
@@ -99,8 +109,12 @@ class InferenceService:
         # Called on the worker just before a request's generation starts (the bulkhead charges
         # redelivered requests there: only work that was running is blamed for a crash). Must not raise.
         self.before_run: Callable[[Incoming], None] | None = None
+        # Topics whose requests are not rate-limited per reply address (the daemon's: the cloud's shared
+        # topic, where one edge device's relay topic stands for all of that device's callers).
+        self.unmetered_topics: frozenset[str] = frozenset()
         self._worker = threading.Thread(target=self._work, name="inference-worker", daemon=True)
         self.counters = Counters()
+        self.limits = LimitCounters()
 
     # -- main thread -------------------------------------------------------------------------------
 
@@ -167,7 +181,12 @@ class InferenceService:
         key = self._dedup_key(request, message, reply)
         if self._is_duplicate(key, request, message):
             return
-        if self.router is not None and self.router(request, reply, message, request_id):
+        # Limits after the duplicate check (a redelivery of a running request must not be answered twice),
+        # before offload and the queue: a request over a limit, or a caller over its rate, costs neither
+        # the cloud nor a slot.
+        if self._refused_by_limits(request, reply, message, key) or (
+            self.router is not None and self.router(request, reply, message, request_id)
+        ):
             return
         job = Job(
             request_id=request_id,
@@ -186,6 +205,8 @@ class InferenceService:
                 self._in_system += 1
                 self._pending[key] = job
         if not admitted:
+            self._forget(request, key)
+            self.limits.queue_full += 1
             self._finish_error(
                 job,
                 OverloadedError(
@@ -196,6 +217,29 @@ class InferenceService:
             return
         log.debug("request_queued", id=request_id, depth=len(self._queue))
 
+    def _refused_by_limits(self, request: InferRequest, reply: ReplyAddress, message: Incoming, key: str) -> bool:
+        """Refuse (answer, count, acknowledge) a request over a request limit or its caller's rate."""
+        settings = self._settings
+        violation = check_request(request, settings)
+        error: AgentError | None = None
+        if violation is not None:
+            self._count_limit(violation.limit)
+            error = violation.error
+        elif message.topic not in self.unmetered_topics:
+            retry_after_ms = self._rate.take(reply.topic, time.monotonic())
+            if retry_after_ms is not None:
+                self.limits.rate_limited += 1
+                error = RateLimitedError(
+                    f"too many requests from this reply address (over {settings.rate_per_client_per_s:g}/s, "
+                    f"burst {settings.rate_burst}); try again later",
+                    retry_after_ms=retry_after_ms,
+                )
+        if error is None:
+            return False
+        self._forget(request, key)
+        self._reject(message, reply, request.id, error)
+        return True
+
     def refuse_overloaded(
         self, message: Incoming, reply: ReplyAddress, request_id: str, retry_after_ms: int | None, reason: str
     ) -> None:
@@ -204,11 +248,12 @@ class InferenceService:
                      OverloadedError(f"overloaded ({reason}); try again later", retry_after_ms=retry_after_ms))
 
     def apply_settings(self, settings: InferenceSettings) -> None:
-        """Live config change: new limits apply to the next request (the queue bound at once)."""
+        """Live config change: new limits apply to the next request (the queue bound and rate at once)."""
         with self._lock:
             self._settings = settings
             self._queue.capacity = settings.max_queue + 1
         self._recent._window = settings.dedup_window_s
+        self._rate.configure(settings.rate_per_client_per_s, settings.rate_burst)
 
     def refuse(self, message: Incoming, error: AgentError) -> bool:
         """Answer ``error`` to a request that is not served, if it has a reply address, and acknowledge it.
@@ -259,6 +304,14 @@ class InferenceService:
         return hashlib.sha1(  # noqa: S324 - a dedup key, not security
             message.payload + (message.correlation_data or b"") + reply.topic.encode()
         ).hexdigest()
+
+    def _forget(self, request: InferRequest, key: str) -> None:
+        """A refused request was not served: its id may come back after retry_after_ms and be served then.
+
+        (Without an id the key is only ever a duplicate on a broker resend, so it stays.)
+        """
+        if request.id:
+            self._recent.forget(key)
 
     def _is_duplicate(self, key: str, request: InferRequest, message: Incoming) -> bool:
         """With an id, a repeat within the window is a duplicate. Without one, identical payloads are
@@ -373,12 +426,21 @@ class InferenceService:
         if job.cancel.is_set():
             raise CancelledError("cancelled by the caller")
         req = job.request
+        settings = self._settings
         if req.messages is not None:
             tokens = self._engine.tokenize_chat([m.model_dump() for m in req.messages])
         else:
             tokens = self._engine.tokenize_prompt(req.prompt or "")
+        info = self._engine.info
+        violation = check_prompt(len(tokens), settings, info.n_ctx if info is not None else None)
+        if violation is not None:  # before llama.cpp evaluates a single token of it
+            self._count_limit(violation.limit)
+            raise violation.error
+        max_tokens, clamped = clamped_max_tokens(req, settings)
+        if clamped:
+            self.limits.max_tokens_clamped += 1
         params = SamplingParams(
-            max_tokens=min(req.max_tokens or self._settings.default_max_tokens, self._settings.max_tokens_limit),
+            max_tokens=max_tokens,
             temperature=req.temperature,
             top_p=req.top_p,
             top_k=req.top_k,
@@ -388,7 +450,7 @@ class InferenceService:
         )
         publish = self._link.publish
         topic, corr, rid = job.reply.topic, job.reply.correlation_data, job.request_id
-        interval = self._settings.stream_interval_ms / 1000.0
+        interval = settings.stream_interval_ms / 1000.0
         clock = time.perf_counter
         seq = 0
         last = 0.0
@@ -493,6 +555,9 @@ class InferenceService:
             correlation_data=reply.correlation_data,
         )
 
+    def _count_limit(self, limit: str) -> None:
+        setattr(self.limits, limit, getattr(self.limits, limit) + 1)
+
     def _reply_address(self, message: Incoming) -> ReplyAddress | None:
         if message.response_topic and is_concrete_topic(message.response_topic):
             return ReplyAddress(message.response_topic, message.correlation_data)
@@ -503,9 +568,7 @@ class InferenceService:
         return 1000 * max(1, self._settings.max_queue)
 
 
-_WIRE_CODES = frozenset(
-    {"bad_request", "too_large", "overloaded", "model_unavailable", "cancelled", "timeout", "internal"}
-)
+_WIRE_CODES = frozenset(ERROR_CODES)
 
 
 def _discard(_: str) -> None:

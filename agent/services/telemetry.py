@@ -8,7 +8,7 @@ Transitions (downgrade, offload, pulls, failover) go to ``{prefix}/{device_id}/e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
 
@@ -60,6 +60,26 @@ class ThrottleReport(_Wire):
     since_boot: list[str] = Field(description="Have occurred since boot.")
 
 
+class LimitCounts(_Wire):
+    """Messages refused (or clamped) by each request limit since the daemon started.
+
+    Keys name the limit, not the error code: several limits answer ``too_large``. See docs/protocol.md,
+    "Limits and quarantine".
+    """
+
+    payload_bytes: int = Field(0, description="Over inference.max_payload_bytes, any topic ('too_large').")
+    json_depth: int = Field(0, description="Nested deeper than 32, any topic ('bad_request').")
+    json_elements: int = Field(0, description="Over inference.max_json_elements, any topic ('too_large').")
+    messages: int = Field(0, description="Over inference.max_messages ('too_large').")
+    stop: int = Field(0, description="Over inference.max_stop_sequences or max_stop_chars ('bad_request').")
+    prompt_tokens: int = Field(
+        0, description="Over inference.max_prompt_tokens or the context ('too_large'), before evaluation."
+    )
+    rate_limited: int = Field(0, description="Over inference.rate_per_client_per_s for one reply address.")
+    queue_full: int = Field(0, description="Refused 'overloaded' with inference.max_queue requests waiting.")
+    max_tokens_clamped: int = Field(0, description="Requests whose max_tokens was lowered to max_tokens_limit.")
+
+
 class Telemetry(_Wire):
     """Published every ``telemetry.interval_s`` on ``{prefix}/{device_id}/telemetry``."""
 
@@ -93,6 +113,10 @@ class Telemetry(_Wire):
     messages_dropped: int = Field(0, description="Such messages with no reply address: acknowledged and dropped.")
     messages_quarantined: int = Field(
         0, description="Redelivered messages that were running during repeated crashes: refused, not run again."
+    )
+    limits: LimitCounts = Field(
+        default_factory=LimitCounts,  # type: ignore[arg-type]
+        description="Refusals by request limit since start (counters only grow).",
     )
 
 
@@ -143,6 +167,7 @@ class RuntimeView:
     messages_rejected: int = 0  # agent.services.bulkhead.BulkheadCounters
     messages_dropped: int = 0
     messages_quarantined: int = 0
+    limits: LimitCounts = field(default_factory=LimitCounts)  # type: ignore[arg-type]  # bulkhead + service
 
 
 def _flag_names(flags: ThrottleFlags) -> list[str]:
@@ -191,6 +216,7 @@ def build_telemetry(snapshot: DeviceSnapshot, runtime: RuntimeView) -> Telemetry
         messages_rejected=runtime.messages_rejected,
         messages_dropped=runtime.messages_dropped,
         messages_quarantined=runtime.messages_quarantined,
+        limits=runtime.limits,
     )
 
 

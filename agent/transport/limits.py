@@ -6,6 +6,15 @@ RecursionError, deeper ones can exhaust the C stack. Every consumer of an MQTT p
 linear and recursion-free, and on the common path (fewer brackets than the depth limit) it is two
 ``bytes.count`` calls.
 
+It also bounds the number of elements (:func:`json_elements`: commas and opening brackets outside
+strings), so a 64 KB payload cannot make the parser and validator build tens of thousands of objects
+(``[{},{},...]``). Normal payloads are mostly string bodies: a walk over their few quotes (memchr-speed
+``find``) shows that little lies outside strings; one with many quotes is bounded by its commas (one
+``bytes.count``), and only payloads with that many commas, or many brackets, pay for the full scan.
+Measured before/after adding it (timeit, best of 9, the shared 2-core box under load): a 170 B chat
+request 0.45 → 0.49 us; a 64 KB prompt 2.3 → 6.8 us (``json.loads`` of it: ~55 us); a 60 KB prompt
+with 2,600 escaped quotes 2.0 → 69 us (``json.loads``: ~126 us).
+
 :func:`top_level_strings` reads the caller's ``id``/``reply_to`` out of a payload that must not be
 parsed (too deep, too large, invalid), so even a refused request can be answered.
 """
@@ -19,9 +28,32 @@ from itertools import accumulate, islice
 
 from agent.errors import BadRequestError, TooLargeError
 
+
+class PayloadTooLargeError(TooLargeError):
+    """The payload has more bytes than the limit."""
+
+    limit = "payload_bytes"
+
+
+class TooDeepError(BadRequestError):
+    """The payload nests arrays/objects deeper than the limit."""
+
+    limit = "json_depth"
+
+
+class TooManyElementsError(TooLargeError):
+    """The payload holds more JSON elements than the limit."""
+
+    limit = "json_elements"
+
+
 MAX_JSON_DEPTH = 32
 """Deepest nesting of arrays/objects accepted. A request needs 3 (object, messages, message) and a
 command's arguments a few more; CPython's parser recurses ~1,000 deep before it fails."""
+
+MAX_JSON_ELEMENTS = 4096
+"""Default bound of :func:`json_elements` (config ``inference.max_json_elements``). A request with 64
+messages counts about 200."""
 
 PEEK_MAX_BYTES = 4 << 20
 PEEK_MAX_TOKENS = 16_384
@@ -36,6 +68,11 @@ _NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
 # Brackets → signed bytes +1 / -1, so the running depth is an accumulate over a memoryview.
 _SIGN = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 _SMALL = 2048  # below this, bytes.count beats a loop of find() calls
+# The quote walk of _outside_at_most gives up (and the full scan decides) past this many quotes, or at
+# a run of backslashes longer than this: its Python loop must stay cheaper than the scan (~0.2 us a quote).
+_WALK_QUOTES = 128
+_WALK_BACKSLASHES = 8
+_BACKSLASH = 0x5C
 
 
 def json_depth(payload: bytes) -> int:
@@ -68,23 +105,94 @@ def _max_depth(bare: bytes) -> int:
     return max(accumulate(memoryview(signs).cast("b"), initial=0))
 
 
-def check_payload(payload: bytes, max_bytes: int | None, max_depth: int = MAX_JSON_DEPTH) -> None:
-    """Raise TooLargeError (over ``max_bytes``) or BadRequestError (nested deeper than ``max_depth``).
+def json_elements(payload: bytes) -> int:
+    """Commas plus opening brackets outside strings: what :func:`check_payload` bounds.
 
-    ``max_bytes`` None checks the depth only.
+    For valid JSON this is the number of values inside containers (each one follows a comma or its
+    container's opening bracket) plus the number of empty containers, so a parser builds at most one
+    value more than this (the top level). Linear and recursion-free; for invalid JSON it counts the
+    same characters.
+    """
+    return _count_elements(_outside_strings(payload))
+
+
+def _count_elements(bare: bytes) -> int:
+    return bare.count(b",") + bare.count(b"[") + bare.count(b"{")
+
+
+def check_payload(
+    payload: bytes, max_bytes: int | None, max_depth: int = MAX_JSON_DEPTH, max_elements: int | None = None
+) -> None:
+    """Raise PayloadTooLargeError (over ``max_bytes``), TooDeepError (nested deeper than ``max_depth``,
+    a ``bad_request``) or TooManyElementsError (more than ``max_elements`` by :func:`json_elements`, a
+    ``too_large``); checked in that order.
+
+    ``max_bytes`` None skips the size check, ``max_elements`` None the element count.
     """
     size = len(payload)
     if max_bytes is not None and size > max_bytes:
-        raise TooLargeError(f"payload is {size} bytes; the limit is {max_bytes}")
+        raise PayloadTooLargeError(f"payload is {size} bytes; the limit is {max_bytes}")
+    bare: bytes | None = None
     # Depth never exceeds the number of opening brackets: most payloads stop here.
-    if not _more_openers_than(payload, max_depth):
+    if _more_openers_than(payload, max_depth):
+        bare = _outside_strings(payload)
+        # Fewer brackets outside strings than the limit: they were text (code in a prompt, say).
+        if bare.count(b"[") + bare.count(b"{") > max_depth:
+            depth = _max_depth(bare)
+            if depth > max_depth:
+                raise TooDeepError(f"payload nests {depth} levels deep; the limit is {max_depth}")
+    # The count never exceeds the bytes outside strings: a small payload, or one that is nearly all
+    # string bodies (a long prompt), stops here without the full scan.
+    if max_elements is None or size <= max_elements:
         return
-    bare = _outside_strings(payload)
-    if bare.count(b"[") + bare.count(b"{") <= max_depth:
-        return  # the brackets were text inside strings (code in a prompt, say)
-    depth = _max_depth(bare)
-    if depth > max_depth:
-        raise BadRequestError(f"payload nests {depth} levels deep; the limit is {max_depth}")
+    if bare is None:
+        if _outside_at_most(payload, max_elements):
+            return
+        # Many quotes (dialogue in a prompt): there are at most max_depth brackets here (else the depth
+        # check made ``bare``), so commas anywhere, strings included, bound the count in one pass.
+        if payload.count(b",") + max_depth <= max_elements:
+            return
+        bare = _outside_strings(payload)
+    count = _count_elements(bare)
+    if count > max_elements:
+        raise TooManyElementsError(
+            f"payload holds {count} JSON elements (commas and brackets outside strings); the limit is {max_elements}"
+        )
+
+
+def _outside_at_most(payload: bytes, limit: int) -> bool:
+    """True when at most ``limit`` bytes of ``payload`` lie outside its JSON strings (as
+    :func:`_outside_strings` delimits them: a quote after an odd run of backslashes does not count).
+
+    False also when it cannot tell cheaply (many quotes, long backslash runs): the caller scans.
+    """
+    size = len(payload)
+    outside = 0
+    opened = -1  # where the current string began; -1 outside strings
+    start = 0  # where the current stretch outside strings began
+    quotes = 0
+    at = payload.find(b'"')
+    while at != -1:
+        quotes += 1
+        if quotes > _WALK_QUOTES:
+            return False
+        run = 0
+        while run < at and payload[at - run - 1] == _BACKSLASH:
+            run += 1
+            if run > _WALK_BACKSLASHES:
+                return False
+        if not run & 1:  # an escaped quote (odd run) neither opens nor closes a string
+            if opened < 0:
+                outside += at - start
+                if outside > limit:
+                    return False
+                opened = at
+            else:
+                opened, start = -1, at + 1
+        at = payload.find(b'"', at + 1)
+    if opened < 0:
+        outside += size - start
+    return outside <= limit
 
 
 def _more_openers_than(payload: bytes, limit: int) -> bool:

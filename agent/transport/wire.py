@@ -16,7 +16,6 @@ from agent.errors import BadRequestError, TooLargeError
 from agent.transport.limits import check_payload, check_unicode, top_level_strings
 
 PROTOCOL_VERSION = 1
-MAX_STOP_SEQUENCES = 8
 
 RequestId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$")]
 
@@ -38,7 +37,9 @@ class InferRequest(WireModel):
         None, description="Caller's request id, echoed on every reply; generated when absent."
     )
     messages: list[ChatMessage] | None = Field(
-        None, min_length=1, description="Chat messages (needs a model with a chat template)."
+        None,
+        min_length=1,
+        description="Chat messages (needs a model with a chat template); at most inference.max_messages (64).",
     )
     prompt: str | None = Field(None, description="Plain text prompt, completed as is.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
@@ -47,7 +48,11 @@ class InferRequest(WireModel):
     top_k: int = Field(40, ge=0, description="Top-k sampling; 0 = off.")
     repeat_penalty: float = Field(1.0, gt=0.0, le=10.0, description="Repetition penalty; 1 = off.")
     seed: int | None = Field(None, description="Sampling seed for reproducible output.")
-    stop: list[str] | str | None = Field(None, description="Stop sequences (not included in the text).")
+    stop: list[str] | str | None = Field(
+        None,
+        description="Stop sequences (not included in the text); at most inference.max_stop_sequences (8) of at "
+        "most inference.max_stop_chars (64) characters each.",
+    )
     stream: bool = Field(False, description="Send chunk messages as tokens are generated.")
     reply_to: str | None = Field(
         None, min_length=1, description="Reply topic for MQTT 3.1.1 clients (MQTT 5: use Response Topic)."
@@ -61,8 +66,6 @@ class InferRequest(WireModel):
     def _one_input(self) -> InferRequest:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give exactly one of 'messages' or 'prompt'")
-        if self.stop_list() and len(self.stop_list()) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         if any(not s for s in self.stop_list()):
             raise ValueError("stop sequences must not be empty")
         return self
@@ -114,9 +117,14 @@ class FinalReply(WireModel):
 
 
 class ErrorBody(WireModel):
-    code: Literal["bad_request", "too_large", "overloaded", "model_unavailable", "cancelled", "timeout", "internal"]
+    code: Literal[
+        "bad_request", "too_large", "overloaded", "rate_limited", "model_unavailable", "cancelled", "timeout",
+        "internal",
+    ]
     message: str
-    retry_after_ms: int | None = None
+    retry_after_ms: int | None = Field(
+        None, description="With 'overloaded' and 'rate_limited': when a retry may be admitted, in ms."
+    )
 
 
 class ErrorReply(WireModel):

@@ -35,6 +35,8 @@ INFER, CANCEL = "edge/dev1/infer", "edge/dev1/infer/cancel"
 class FakeEngine:
     """Tokenizes like llama.cpp does (UTF-8 encode first), generates ``max_tokens`` pieces of 'x'."""
 
+    info = None  # no LoadedModel: the service leaves the context check to generate()
+
     def __init__(self) -> None:
         self.gate = threading.Event()
         self.gate.set()

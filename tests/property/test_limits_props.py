@@ -1,5 +1,6 @@
 """Properties of the pre-parse limits: the linear depth scan against a recursive reference and against
-``json.loads`` itself, the size bound, and the top-level peek against a full parse.
+``json.loads`` itself, the size bound, the element count (and its quote-walk shortcut against the full
+scan), and the top-level peek against a full parse.
 """
 
 from __future__ import annotations
@@ -12,7 +13,17 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from agent.errors import AgentError, BadRequestError, TooLargeError
-from agent.transport.limits import MAX_JSON_DEPTH, check_payload, json_depth, top_level_strings
+from agent.transport.limits import (
+    MAX_JSON_DEPTH,
+    TooDeepError,
+    TooManyElementsError,
+    _outside_at_most,
+    _outside_strings,
+    check_payload,
+    json_depth,
+    json_elements,
+    top_level_strings,
+)
 from tests.property.conftest import bounded
 
 # Strings full of what confuses a scanner: brackets, quotes, backslashes, escapes of all three.
@@ -93,6 +104,49 @@ def test_size_and_depth_limits_on_any_bytes(payload: bytes, max_bytes: int, max_
         assert isinstance(got, TooLargeError)
     else:
         assert isinstance(got, BadRequestError) == (json_depth(payload) > max_depth)
+
+
+def reference_elements(value: Any) -> int:
+    """Values inside containers plus empty containers, the obvious recursive way (what json_elements counts)."""
+    if isinstance(value, list):
+        children = value
+    elif isinstance(value, dict):
+        children = list(value.values())
+    else:
+        return 0
+    return max(len(children), 1) + sum(reference_elements(v) for v in children)
+
+
+@given(json_values.flatmap(lambda v: st.tuples(st.just(v), encodings(v))))
+def test_element_count_equals_the_recursive_reference(case: tuple[Any, bytes]) -> None:
+    """For any JSON text, the linear count is the number of values inside containers plus empty containers,
+    and a parser builds at most one value more than it (the top level)."""
+    value, payload = case
+    assert json_elements(payload) == reference_elements(value)
+
+
+# Bytes full of what the quote walk must get right: quotes, backslash runs, separators, long plain text.
+scanner_text = st.lists(
+    st.sampled_from(['"', "\\", "\\", ",", "[", "{", "]", "}", ":", " ", "a", "x" * 50, '\\"', '"a"']),
+    max_size=300,
+).map(lambda parts: "".join(parts).encode())
+
+
+@given(scanner_text | st.binary(max_size=1500), st.integers(min_value=0, max_value=400),
+       st.sampled_from([0, 3, 32, 10_000]))
+@example(b'"' + b"x" * 100 + b'"' + b"," * 5, 4, 10_000)
+@example(b'\\\\\\\\\\"' + b"," * 50, 10, 10_000)
+@example(b'"' + b'\\"' * 300 + b',"', 300, 0)  # too many quotes to walk: bounded by its commas
+def test_the_shortcuts_never_claim_less_than_the_scan_finds(payload: bytes, limit: int, max_depth: int) -> None:
+    """When the quote walk says at most ``limit`` bytes lie outside strings, the full scan agrees; and
+    with its shortcuts the element check refuses exactly what the full count puts over the limit."""
+    if bounded(lambda: _outside_at_most(payload, limit)):
+        assert len(_outside_strings(payload)) <= limit
+    got = bounded(lambda: check_payload(payload, None, max_depth=max_depth, max_elements=limit))
+    if isinstance(got, TooDeepError):
+        assert json_depth(payload) > max_depth
+        return
+    assert isinstance(got, TooManyElementsError) == (json_elements(payload) > limit)
 
 
 members = st.lists(st.tuples(st.sampled_from(["id", "reply_to", "prompt", "x", "i\\u0064"]),

@@ -85,6 +85,29 @@ def test_payloads_over_the_limits_are_refused_before_the_handler(
         reason, len(payload), "edge/dev1/infer", True)
 
 
+def test_each_limit_is_counted_and_the_element_limit_is_read_per_message(tmp_path: Path) -> None:
+    """Oversize, over-deep and over-many-elements payloads each move their own counter (answered or not),
+    log their own reason, and a live change of max_elements applies to the next message."""
+    link, elements = FakeLink(), [4096]
+    bulkhead = Bulkhead(link, max_bytes=lambda: 65_536, max_elements=lambda: elements[0], state_dir=tmp_path)
+    refuse = Refusals(link)
+    many = b'{"prompt": "x", "stop": [' + b"0," * 5000 + b"0]}"
+    ran: list[Incoming] = []
+    with capture_logs() as logs:
+        bulkhead.run(incoming(many, mid=1), ran.append, refuse)
+        bulkhead.run(incoming(DEEP, mid=2), ran.append, Refusals(link, answers=False))
+        bulkhead.run(incoming(b"x" * 70_000, mid=3), ran.append, refuse)
+        elements[0] = 6000
+        bulkhead.run(incoming(many, mid=4), ran.append, refuse)
+    assert [m.mid for m in ran] == [4]
+    assert [e.code for e in refuse.errors] == ["too_large", "too_large"]
+    counts = bulkhead.counters
+    assert (counts.json_elements, counts.json_depth, counts.payload_bytes) == (1, 1, 1)
+    assert (counts.rejected, counts.dropped) == (2, 1)
+    assert [e["reason"] for e in logs if e["event"] == "message_rejected"] == [
+        "too_many_elements", "too_deep", "too_large"]
+
+
 def test_without_a_reply_address_a_refusal_is_a_counted_drop(tmp_path: Path) -> None:
     """When refuse() finds nobody to answer, the message is still acked and counted as dropped."""
     link = FakeLink()

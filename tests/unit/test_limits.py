@@ -12,9 +12,15 @@ import pytest
 from agent.errors import BadRequestError, TooLargeError
 from agent.transport.limits import (
     MAX_JSON_DEPTH,
+    MAX_JSON_ELEMENTS,
     PEEK_MAX_TOKENS,
+    PayloadTooLargeError,
+    TooDeepError,
+    TooManyElementsError,
+    _outside_at_most,
     check_payload,
     json_depth,
+    json_elements,
     top_level_strings,
 )
 from agent.transport.wire import parse_cancel, parse_request, peek_reply_fields
@@ -108,6 +114,76 @@ def test_size_is_checked_first_and_is_too_large() -> None:
     check_payload(b"x" * 65_536, 65_536)
 
 
+@pytest.mark.parametrize(
+    ("payload", "count"),
+    [
+        (b"", 0),
+        (b"42", 0),
+        (b"[]", 1),
+        (b"[1]", 1),
+        (b"[1,2,3]", 3),
+        (b'{"a": 1, "b": [1, 2], "c": {}}', 6),
+        (json.dumps(CHAT).encode(), 4),
+        # Separators inside strings are text; escaped quotes do not end a string.
+        (json.dumps({"prompt": "a, b, [c], {d}" * 1000}).encode(), 1),
+        (b'{"a": "x\\"[,,", "b": [1, 2]}', 4),
+        (b'{"a": "x\\\\", "b": [1, 2]}', 4),
+        (b"[" + b"0," * 5000 + b"0]", 5001),
+        (b'[[[",,,', 3),
+    ],
+    ids=["empty", "number", "empty-array", "one", "three", "object", "chat", "separators-in-string",
+         "escaped-quote", "escaped-backslash", "5001-items", "unterminated"],
+)
+def test_json_elements_counts_separators_and_openers_outside_strings(payload: bytes, count: int) -> None:
+    """Commas plus opening brackets outside strings: one per value inside a container, one per empty one."""
+    assert json_elements(payload) == count
+
+
+def test_too_many_elements_is_too_large_and_names_both_numbers() -> None:
+    """A 64 KB array of zeros is refused 'too_large' before parsing, with the count and the limit."""
+    payload = b'{"prompt": "x", "stop": [' + b"0," * 20_000 + b"0]}"
+    with pytest.raises(TooManyElementsError, match=r"20003 JSON elements .*; the limit is 4096") as info:
+        check_payload(payload, 65_536, max_elements=MAX_JSON_ELEMENTS)
+    assert info.value.code == "too_large"
+    assert info.value.limit == "json_elements"
+    check_payload(payload, 65_536)  # no element limit given: not checked
+    check_payload(payload, 65_536, max_elements=20_003)
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        (b"[" * 40 + b"0," * 5000, TooDeepError),  # too deep and too many: depth is checked first
+        (b"0," * 40_000, PayloadTooLargeError),  # too large and too many: size first
+    ],
+    ids=["deep-first", "size-first"],
+)
+def test_limits_are_checked_size_depth_elements(payload: bytes, error: type[Exception]) -> None:
+    """Each refusal names the first limit broken, in the order size, depth, elements."""
+    with pytest.raises(error):
+        check_payload(payload, 65_536, max_elements=100)
+
+
+@pytest.mark.parametrize(
+    ("payload", "limit", "expected"),
+    [
+        (json.dumps({"prompt": "x" * 60_000}).encode(), 4, True),  # outside strings: `{`, `: ` and `}`
+        (json.dumps({"prompt": "x" * 60_000}).encode(), 3, False),
+        (b"[" + b"0," * 100 + b"0]", 1000, True),
+        (b"[" + b"0," * 100 + b"0]", 100, False),
+        (b'{"a": "' + b'\\"' * 300 + b'"}', 10_000, False),  # 300 escaped quotes: too many to walk
+        (b'{"a": "' + b"\\" * 20 + b'"}', 10_000, False),  # a long backslash run: gives up
+        (b'{"a": "x\\"' + b"0," * 50 + b'"}', 20, True),  # the escaped quote keeps the string open
+        (b'{"a": "unterminated' + b"," * 500, 10, True),
+    ],
+    ids=["long-prompt", "long-prompt-tiny-limit", "array", "array-over", "many-quotes", "backslash-run",
+         "escaped-quote", "unterminated"],
+)
+def test_the_quote_walk_bounds_what_lies_outside_strings(payload: bytes, limit: int, expected: bool) -> None:
+    """True only when at most ``limit`` bytes lie outside strings; False too when it cannot tell cheaply."""
+    assert _outside_at_most(payload, limit) is expected
+
+
 def test_parsers_refuse_deep_payloads_instead_of_recursing() -> None:
     """parse_request and parse_cancel answer 'bad_request' for a 3,000-deep payload (was RecursionError)."""
     deep = b'{"prompt": "x", "stop": ' + nested(3000) + b"}"
@@ -180,6 +256,6 @@ def test_common_path_is_cheap_next_to_parsing() -> None:
     """On a 64 KB request the pre-parse check costs a small fraction of json.loads (no per-byte Python)."""
     payload = json.dumps({"id": "q", "messages": [{"role": "user", "content": "word " * 13_000}]}).encode()
     assert 60_000 < len(payload) <= 65_536
-    check_us = _best_us(lambda p: check_payload(p, 65_536), payload)
+    check_us = _best_us(lambda p: check_payload(p, 65_536, max_elements=MAX_JSON_ELEMENTS), payload)
     parse_us = _best_us(json.loads, payload)
     assert check_us < parse_us / 2, (check_us, parse_us)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from agent.adapt.policy import CapQuant, Offload, SetThreads
 from agent.hardware.snapshot import ThrottleState
 from agent.services.telemetry import (
     Event,
+    LimitCounts,
     RuntimeView,
     Telemetry,
     TelemetrySettings,
@@ -22,7 +24,11 @@ ISSUE_FIELDS = {
     "ts", "temperature_c", "zones", "throttled", "battery_percent", "battery_status", "power_w", "cpu_percent",
     "load_1m", "ram_available_bytes", "cgroup_memory_bytes", "disk_free_bytes", "model", "quant", "threads",
     "queue_depth", "tokens_per_second", "requests_served", "requests_failed", "requests_offloaded", "mode",
-    "uptime_s", "messages_rejected", "messages_dropped", "messages_quarantined",
+    "uptime_s", "messages_rejected", "messages_dropped", "messages_quarantined", "limits",
+}  # fmt: skip
+LIMIT_KEYS = {
+    "payload_bytes", "json_depth", "json_elements", "messages", "stop", "prompt_tokens", "rate_limited", "queue_full",
+    "max_tokens_clamped",
 }  # fmt: skip
 
 RUNTIME = RuntimeView(
@@ -45,6 +51,17 @@ def test_telemetry_has_every_field_the_issue_names() -> None:
     data = json.loads(build_telemetry(probe_case("pi4-2gb"), RUNTIME).model_dump_json())
     assert set(data) == ISSUE_FIELDS | {"v"}
     assert data["v"] == 1
+
+
+def test_limit_counters_are_one_integer_per_limit() -> None:
+    """'limits' carries one counter per request limit, zero by default and passed through as given."""
+    data = json.loads(build_telemetry(probe_case("pi4-2gb"), RUNTIME).model_dump_json())
+    assert data["limits"] == dict.fromkeys(LIMIT_KEYS, 0)
+    counts = LimitCounts(json_elements=2, rate_limited=5, max_tokens_clamped=1)
+    runtime = dataclasses.replace(RUNTIME, limits=counts)
+    data = json.loads(build_telemetry(probe_case("pi4-2gb"), runtime).model_dump_json())
+    assert data["limits"] == {**dict.fromkeys(LIMIT_KEYS, 0), "json_elements": 2, "rate_limited": 5,
+                              "max_tokens_clamped": 1}
 
 
 def test_pi4_telemetry_reports_soc_temperature_and_decoded_throttle_flags() -> None:
