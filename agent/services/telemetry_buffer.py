@@ -9,10 +9,16 @@ the old or the new file, never a mix.
 
 Replay is at-least-once: records are removed only after every one of them was handed to ``publish``;
 a crash in between republishes them (each carries its original ``ts``, so consumers can deduplicate).
+
+A full or failing disk never reaches the caller: a record that cannot be written is dropped (logged once
+per episode, not per record, and once more with the count when writing works again), and a write cut
+short is cut back off the file, so what is on disk stays whole records only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import threading
@@ -64,6 +70,8 @@ class TelemetryBuffer:
         self._max_bytes = max_bytes
         self._max_age_s = max_age_s
         self._lock = threading.Lock()
+        self._failing: OSError | None = None  # the write error of the current episode, if any
+        self._dropped = 0  # records dropped in that episode
         directory.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -76,21 +84,27 @@ class TelemetryBuffer:
         except FileNotFoundError:
             return 0
 
-    def append(self, topic: str, payload: bytes, ts: float) -> None:
-        """Keep one message (payload must be UTF-8 text, as every JSON payload is)."""
+    def append(self, topic: str, payload: bytes, ts: float) -> bool:
+        """Keep one message (payload must be UTF-8 text, as every JSON payload is).
+
+        False when it was not kept: too large, or the disk refused it (full, read-only, I/O error).
+        """
         line = _line(Buffered(ts, topic, payload))
         if len(line) > self._max_bytes:
             log.warning("telemetry_buffer_record_too_large", bytes=len(line), max_bytes=self._max_bytes)
-            return
+            return False
         with self._lock:
-            if self.size_bytes() + len(line) + 1 > self._max_bytes:
-                self._compact(now=ts, room_for=len(line) + 1)
-            with self._path.open("ab") as f:
-                if f.tell() > 0 and not self._ends_with_newline():
-                    f.write(b"\n")  # a torn last line from a crash stays a separate (skipped) line
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                if self.size_bytes() + len(line) + 1 > self._max_bytes:
+                    self._compact(now=ts, room_for=len(line) + 1)
+                self._append_line(line)
+            except OSError as exc:
+                self._write_failed(exc)
+                return False
+            if self._failing is not None:
+                log.info("telemetry_buffer_write_recovered", dropped=self._dropped, path=str(self._path))
+                self._failing, self._dropped = None, 0
+        return True
 
     def pending(self, now: float) -> list[Buffered]:
         """Every kept message not older than max_age_s, oldest first; torn or corrupt lines are skipped."""
@@ -108,10 +122,11 @@ class TelemetryBuffer:
                 try:
                     publish(record.topic, record.payload)
                 except Exception:
-                    self._rewrite(records[i:])
+                    with contextlib.suppress(OSError):  # kept whole if the rewrite fails: republished later
+                        self._rewrite(records[i:])
                     raise
             if records or self._path.exists():
-                self._rewrite([])
+                self._forget_all()
         if records:
             log.info("telemetry_buffer_replayed", records=len(records))
         return len(records)
@@ -128,6 +143,49 @@ class TelemetryBuffer:
         publish(topic, payload)
 
     # -- internals (lock held) ---------------------------------------------------------------------
+
+    def _append_line(self, line: bytes) -> None:
+        # Unbuffered, so a failed write leaves no pending bytes that a later close would still try to write.
+        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            start = os.fstat(fd).st_size
+            # A torn last line from a crash stays a separate (skipped) line.
+            data = memoryview((b"\n" if start > 0 and not self._ends_with_newline() else b"") + line)
+            try:
+                while data:
+                    data = data[os.write(fd, data) :]
+                os.fsync(fd)
+            except OSError:
+                # Cut a half-written record back off (truncating never needs space), so the file holds
+                # whole records only and the next append does not start in the middle of a line.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                raise
+        finally:
+            os.close(fd)
+
+    def _write_failed(self, exc: OSError) -> None:
+        self._dropped += 1
+        if self._failing is None:
+            # Once per episode: the daemon appends every telemetry tick, and a full disk stays full.
+            self._failing = exc
+            log.warning(
+                "telemetry_buffer_write_failed",
+                path=str(self._path),
+                error=exc.strerror or str(exc),
+                errno=errno.errorcode.get(exc.errno or 0, exc.errno),
+                effect="telemetry produced while the broker is unreachable is dropped until the disk accepts "
+                "writes again (free space where telemetry.buffer_dir is)",
+            )
+
+    def _forget_all(self) -> None:
+        try:
+            self._rewrite([])
+        except OSError:
+            # An empty replacement could not be made (no inode left, read-only): truncating in place
+            # needs no space. If even that fails the records stay and are replayed again (at-least-once).
+            with contextlib.suppress(OSError):
+                os.truncate(self._path, 0)
 
     def _ends_with_newline(self) -> bool:
         with self._path.open("rb") as f:
@@ -166,12 +224,17 @@ class TelemetryBuffer:
 
     def _rewrite(self, records: list[Buffered]) -> None:
         tmp = self._path.with_suffix(".tmp")
-        with tmp.open("wb") as f:
-            for record in records:
-                f.write(_line(record))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._path)
+        try:
+            with tmp.open("wb") as f:
+                for record in records:
+                    f.write(_line(record))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)  # the old file is untouched; do not leave a half copy taking space
+            raise
         fd = os.open(self._dir, os.O_RDONLY)
         try:
             os.fsync(fd)  # make the rename itself durable
