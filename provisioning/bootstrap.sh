@@ -8,7 +8,12 @@
 #   --device-id ID          MQTT topic level of this device (default: short host name)
 #   --mqtt-host H  --mqtt-port P  --mqtt-user U  --mqtt-password-file F
 #   --tls --ca-file F --cert-file F --tls-key-file F    broker TLS (files are copied to the device)
-#   --hf-token-file F  --fleet-pubkey-file F            further secrets, as systemd credentials
+#   --hf-token-file F       the Hugging Face token, as a systemd credential
+#   --fleet-pubkey-file F   the fleet's public key (edge-agent fleet keygen) as the fleet_pubkey credential:
+#                           the device runs only fleet commands signed by its private key
+#   --allow-unsigned-commands  no fleet key: run UNSIGNED fleet commands ([fleet] allow_unsigned = true).
+#                           Without this or --fleet-pubkey-file the device refuses every fleet command
+#                           (fine for an inference-only board; bootstrap warns)
 #   --hub-endpoint URL      [hub] endpoint: a Hub mirror or test server
 #   --hub-offline           [hub] offline = true: serve only what the cache holds
 #   --catalog FILE          [model] catalog: a models.toml on the device instead of the shipped one
@@ -49,6 +54,7 @@ MQTT_PASSWORD_FILE=""
 HF_TOKEN_FILE=""
 TLS_KEY_FILE=""
 FLEET_PUBKEY_FILE=""
+ALLOW_UNSIGNED="false"
 MODEL=""
 N_CTX="2048"
 HUB_ENDPOINT=""
@@ -118,6 +124,7 @@ while [[ $# -gt 0 ]]; do
         --tls-key-file) TLS_KEY_FILE="$2"; shift 2 ;;
         --hf-token-file) HF_TOKEN_FILE="$2"; shift 2 ;;
         --fleet-pubkey-file) FLEET_PUBKEY_FILE="$2"; shift 2 ;;
+        --allow-unsigned-commands) ALLOW_UNSIGNED="true"; shift ;;
         --model) MODEL="$2"; shift 2 ;;
         --n-ctx) N_CTX="$2"; shift 2 ;;
         --hub-endpoint) HUB_ENDPOINT="$2"; shift 2 ;;
@@ -152,6 +159,11 @@ fi
 [[ "$MQTT_PORT" =~ ^[0-9]+$ ]] || die "--mqtt-port must be a number: $MQTT_PORT"
 [[ "$SHUTDOWN_GRACE_S" =~ ^[0-9]+$ ]] || die "--shutdown-grace-s must be whole seconds"
 if [[ "$DRY_RUN" != "true" && "$(id -u)" -ne 0 ]]; then die "run as root (or use --dry-run)"; fi
+if [[ -n "$FLEET_PUBKEY_FILE" ]]; then
+    [[ -r "$FLEET_PUBKEY_FILE" ]] || die "--fleet-pubkey-file: cannot read $FLEET_PUBKEY_FILE"
+    grep -q -- "-----BEGIN PUBLIC KEY-----" "$FLEET_PUBKEY_FILE" \
+        || die "--fleet-pubkey-file $FLEET_PUBKEY_FILE is not a PEM public key (give fleet_pubkey.pem from 'edge-agent fleet keygen', never fleet_key.pem)"
+fi
 shopt -s nullglob
 wheels=("$WHEELHOUSE"/edge_agent-*.whl)
 shopt -u nullglob
@@ -248,6 +260,16 @@ show_progress() {
         /^(Building wheel|Successfully|ERROR|error:)/ { print "  pip     " $0; fflush() }
     '
 }
+
+# Fleet commands are signed: say now what this device will do with them.
+if [[ -n "$FLEET_PUBKEY_FILE" && "$ALLOW_UNSIGNED" == "true" ]]; then
+    echo "bootstrap: warning: --allow-unsigned-commands is ignored: with --fleet-pubkey-file the device runs only signed fleet commands" >&2
+    ALLOW_UNSIGNED="false"
+elif [[ "$ALLOW_UNSIGNED" == "true" ]]; then
+    echo "bootstrap: warning: --allow-unsigned-commands: this device runs UNSIGNED fleet commands; anyone who can publish to its command topics controls it" >&2
+elif [[ -z "$FLEET_PUBKEY_FILE" ]]; then
+    echo "bootstrap: warning: no --fleet-pubkey-file: this device will refuse every fleet command (edge-agent fleet cmd); give the fleet's public key (edge-agent fleet keygen) or --allow-unsigned-commands" >&2
+fi
 
 RESTART=0
 mode="install"
@@ -417,6 +439,12 @@ config="$(
     echo
     echo "[inference]"
     echo "shutdown_grace_s = $SHUTDOWN_GRACE_S"
+    if [[ "$ALLOW_UNSIGNED" == "true" ]]; then
+        echo
+        echo "[fleet]"
+        echo "# No fleet key: anyone who can publish to this device's command topics controls it."
+        echo "allow_unsigned = true"
+    fi
 )"
 if [[ "$DRY_RUN" != "true" ]]; then
     # Validate before installing: a bad value never replaces a working config.

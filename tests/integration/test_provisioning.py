@@ -172,7 +172,31 @@ class TestStaticChecks:
         assert "agent.toml" in result.stdout
         assert "would    edge-agent pull gemma-3-270m-it" in result.stdout
         assert "/usr/local/bin/edge-agent" in result.stdout
+        # Neither a fleet key nor --allow-unsigned-commands: a warning, not a failure (inference-only boards).
+        assert "will refuse every fleet command" in result.stderr
+        assert "--allow-unsigned-commands" in result.stderr
         assert list(root.iterdir()) == []
+
+    def test_bootstrap_refuses_a_private_key_as_the_fleet_public_key(self, tmp_path: Path) -> None:
+        """--fleet-pubkey-file given the private key (fleet_key.pem) stops before anything, naming the right file."""
+        from agent.fleet.signing import write_keypair
+
+        (tmp_path / "edge_agent-0.1.0-py3-none-any.whl").write_bytes(b"")
+        private, public = write_keypair(tmp_path / "keys")
+        runs = {
+            path.name: subprocess.run(
+                ["bash", str(BOOTSTRAP), "--dry-run", "--wheelhouse", str(tmp_path), "--model", "tiny",
+                 "--fleet-pubkey-file", str(path)],
+                capture_output=True, text=True, timeout=60, check=False,
+            )
+            for path in (private, public)
+        }
+        refused, accepted = runs["fleet_key.pem"], runs["fleet_pubkey.pem"]
+        assert refused.returncode == 2
+        assert "is not a PEM public key" in refused.stderr
+        assert "fleet_pubkey.pem" in refused.stderr
+        assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+        assert "fleet command" not in accepted.stderr
 
 
 # --- agent.toml as the role renders it (no target needed) -----------------------------------------
@@ -297,6 +321,29 @@ class TestRenderedAgentToml:
         )
         assert data["model"] == {"path": "/srv/models/tiny.gguf", "n_ctx": 2048, "threads": 0}
         assert data["hub"] == {"offline": True}
+
+    def test_fleet_allow_unsigned_renders_only_as_an_explicit_opt_out(self, tmp_path: Path) -> None:
+        """No [fleet] table by default (signed commands); edge_agent_fleet_allow_unsigned renders allow_unsigned =
+        true, which config check accepts; next to a fleet public key it is left out (the key wins)."""
+        import tomllib
+
+        for case in "abc":
+            (tmp_path / case).mkdir()
+        default = tomllib.loads(_render_agent_toml(tmp_path / "a", {"edge_agent_model": "tiny"}))
+        opted_out = tomllib.loads(
+            _render_agent_toml(tmp_path / "b", {"edge_agent_model": "tiny", "edge_agent_fleet_allow_unsigned": True})
+        )
+        keyed = tomllib.loads(
+            _render_agent_toml(
+                tmp_path / "c",
+                {"edge_agent_model": "tiny", "edge_agent_fleet_allow_unsigned": True,
+                 "edge_agent_fleet_pubkey_src": "/controller/fleet_pubkey.pem"},
+            )
+        )
+        assert "fleet" not in default
+        assert opted_out["fleet"] == {"allow_unsigned": True}
+        assert _config_check(tmp_path / "b" / "agent.toml")["fleet"]["allow_unsigned"] is True
+        assert "fleet" not in keyed
 
     def test_deprecated_model_path_still_works(self, tmp_path: Path) -> None:
         """edge_agent_model_path (deprecated) is used when edge_agent_model is empty."""
@@ -635,6 +682,7 @@ def bootstrapped(base_rootfs: Path, wheelhouse: Path, hub: FakeHub, tmp_path_fac
         "alice",
         "--reset-overrides",
         "--with-mosquitto",
+        "--allow-unsigned-commands",
     ]
     runs = []
     for _ in range(2):
@@ -699,8 +747,16 @@ class TestPlaybookOnAThrowawayDebian:
         assert "LoadCredential=mqtt_password:/etc/edge-agent/credentials/mqtt_password" in out
         assert "LoadCredential=hf_token:/etc/edge-agent/credentials/hf_token" in out
         assert "LoadCredential=tls_key:/etc/edge-agent/credentials/tls_key" in out
-        assert "LoadCredential=fleet_pubkey" not in out
         assert "MemoryMax=900M" in out
+        # The fleet key pair was made on the controller next to the inventory; only the public key went over.
+        keys = provisioned["work"] / "fleet-key"
+        assert (keys / "fleet_key.pem").stat().st_mode & 0o777 == 0o600
+        assert "LoadCredential=fleet_pubkey:/etc/edge-agent/credentials/fleet_pubkey" in out
+        installed = target.chroot("cat", "/etc/edge-agent/credentials/fleet_pubkey")
+        assert installed.stdout == (keys / "fleet_pubkey.pem").read_text()
+        private_line = (keys / "fleet_key.pem").read_text().splitlines()[1]
+        leaked = target.chroot("grep", "-rlF", "--", private_line, "/etc", "/opt/edge-agent", "/var/lib/edge-agent")
+        assert leaked.stdout == "", leaked.stdout
         for secret in (MQTT_PASSWORD, HF_TOKEN, "FAKE-KEY-MATERIAL"):
             assert secret not in out
         installed_unit = target.chroot("cat", "/etc/systemd/system/edge-agent.service")
@@ -916,7 +972,8 @@ class TestBootstrapOnAThrowawayDebian:
         assert second["stdout"].rstrip().endswith("done: 0 change(s)"), second["stdout"]
 
     def test_config_check_accepts_the_model_and_hub(self, bootstrapped: dict) -> None:
-        """--model NAME:QUANT, --catalog and --hub-endpoint render one [model] and one [hub] table."""
+        """--model NAME:QUANT, --catalog and --hub-endpoint render one [model] and one [hub] table;
+        --allow-unsigned-commands renders [fleet] allow_unsigned = true, and the run warned about it."""
         target = bootstrapped["target"]
         check = target.chroot("edge-agent", "config", "check", "--json", "--config", "/etc/edge-agent/agent.toml")
         assert check.returncode == 0, check.stdout + check.stderr
@@ -927,6 +984,9 @@ class TestBootstrapOnAThrowawayDebian:
         assert effective["model"]["catalog"] == CATALOG_ON_TARGET
         assert effective["hub"]["endpoint"].startswith("http://127.0.0.1:")
         assert "models.toml: 1 model table(s)" in _inspect(target)
+        assert effective["fleet"]["allow_unsigned"] is True
+        assert json.loads(check.stdout)["fleet_commands"]["policy"] == "unsigned"
+        assert "this device runs UNSIGNED fleet commands" in bootstrapped["runs"][0]["stderr"]
 
     def test_operators_runtime_libraries_and_prepull(self, bootstrapped: dict) -> None:
         """--operator, the PATH link, libgomp1 & co., and --prepull as the service user, as with the role."""
