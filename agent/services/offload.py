@@ -187,6 +187,9 @@ class CloudRelay:
             self._events.put,
             password_credential="cloud_mqtt_password",  # noqa: S106 - a credential file name
             name="cloud",
+            # A disconnect fails every pending relay, so a forward paho resent after the reconnect would
+            # only have the cloud generate an answer nobody relays (seen after a stalled cloud broker).
+            resend_after_reconnect=False,
         )
         self._pending: dict[bytes, _Pending] = {}
         self._lock = threading.Lock()

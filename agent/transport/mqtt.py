@@ -148,8 +148,12 @@ class MqttLink:
         on_connect_publish: Callable[[], None] | None = None,
         password_credential: str = "mqtt_password",  # noqa: S107 - a credential file name, not a secret
         name: str = "primary",
+        resend_after_reconnect: bool = True,
     ) -> None:
+        """``resend_after_reconnect=False``: QoS 1 messages still unacknowledged when the connection drops are
+        discarded instead of resent, for a link whose owner gives up on them at the disconnect anyway."""
         self.name = name
+        self._resend = resend_after_reconnect
         self._settings = settings
         self._on_event = on_event
         self._on_connect_publish = on_connect_publish
@@ -406,7 +410,9 @@ class MqttLink:
             refused = getattr(flags, "is_disconnect_packet_from_server", False) and (
                 getattr(reason_code, "value", None) in _REFUSED_PACKET
             )
-            if refused:  # now, before paho's reconnect resends everything still unacknowledged
+            if not self._resend:  # now, before paho's reconnect resends everything still unacknowledged
+                self._discard_outgoing(client)
+            elif refused:
                 self._blame_refused(client, str(reason_code))
             else:
                 self._forget_blame()
@@ -445,6 +451,17 @@ class MqttLink:
         log.error("mqtt_publish_dropped", link=self.name, topic=culprit.topic, bytes=len(culprit.payload),
                   reason=reason, strikes=strikes,
                   hint="the broker refuses this message; it was dropped so the link can stay up")  # fmt: skip
+
+    def _discard_outgoing(self, client: paho.Client) -> None:
+        with client._out_message_mutex:
+            dropped = [m for m in client._out_messages.values() if m.qos > 0]
+            for m in dropped:
+                client._out_messages.pop(m.mid, None)
+        for m in dropped:
+            m.info.rc = paho.MQTT_ERR_CONN_LOST
+            m.info._set_as_published()
+        if dropped:
+            log.info("mqtt_outgoing_discarded", link=self.name, count=len(dropped))
 
     def _forget_blame(self) -> None:
         self._blamed = None
