@@ -243,7 +243,12 @@ class InferenceService:
     def refuse_overloaded(
         self, message: Incoming, reply: ReplyAddress, request_id: str, retry_after_ms: int | None, reason: str
     ) -> None:
-        """Answer 'overloaded' now (the offload decision found nobody who can serve it in time)."""
+        """Answer 'overloaded' now (the offload decision found nobody who can serve it in time).
+
+        The id is forgotten, so the caller's retry after ``retry_after_ms`` is served, not taken for a
+        duplicate. (A request without an id has a generated ``request_id`` that was never remembered.)
+        """
+        self._recent.forget(request_id)
         self._reject(message, reply, request_id,
                      OverloadedError(f"overloaded ({reason}); try again later", retry_after_ms=retry_after_ms))
 

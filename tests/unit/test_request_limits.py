@@ -302,6 +302,24 @@ def test_queue_full_is_counted_and_the_refused_id_is_served_when_sent_again(serv
     assert "text" in wait_final(link, "c/q2")
 
 
+def test_an_id_the_offload_router_refused_is_served_when_sent_again(service: Any) -> None:
+    """The offload decision answered 'overloaded' (nobody could serve it in time): the same id retried
+    later is served, not acknowledged as a duplicate and left unanswered."""
+    svc, _, link = service
+    svc.apply_settings(InferenceSettings(rate_per_client_per_s=0))
+
+    def refuse_all(request: InferRequest, reply: Any, incoming: Incoming, request_id: str) -> bool:
+        svc.refuse_overloaded(incoming, reply, request_id, 500, "no worker in time")
+        return True
+
+    svc.router = refuse_all
+    svc.submit(message({"id": "o", "prompt": "x"}, "c/o"))
+    assert link.finals("c/o")[0]["error"]["code"] == "overloaded"
+    svc.router = None
+    svc.submit(message({"id": "o", "prompt": "x"}, "c/o2"))
+    assert "text" in wait_final(link, "c/o2")
+
+
 def test_prompt_over_the_token_cap_is_refused_before_generation(service: Any) -> None:
     """A prompt over max_prompt_tokens is 'too_large' naming both numbers; nothing is generated."""
     svc, engine, link = service
