@@ -431,6 +431,9 @@ def read_local(path: Path, *, initial_bytes: int = INITIAL_READ_BYTES) -> GgufIn
             while True:
                 try:
                     return parse_header(buf)
+                except GgufFormatError as exc:
+                    # The parser sees bytes, not files: say which file, the operator's first question.
+                    raise GgufFormatError(f"{path}: {exc}") from exc
                 except NeedMoreBytes as more:
                     # Never read past the file: a corrupt count can ask for terabytes (a MemoryError).
                     want = min(max(more.needed, 2 * len(buf)), max(size, len(buf)))

@@ -305,13 +305,19 @@ class HubStore:
         """The cached file for ``revision`` (branch, tag or commit), or ``None``; never touches the network.
 
         With ``verify`` (the default) the file is returned only when its content matches the blob's digest
-        (checked once, then remembered).
+        (checked once, then remembered). Without it nothing is hashed, but online a file that changed on disk
+        since it was verified is not returned either: it cannot be trusted even for a header read, and the
+        Hub can serve those bytes again (offline it is returned, so a header read can say what is wrong).
         """
         found = try_to_load_from_cache(repo, filename, cache_dir=self.cache_dir, revision=revision)
         if not isinstance(found, str) or not os.path.isfile(found):
             return None
         path = Path(found)
-        if verify and not self._verified(repo, Path(os.path.realpath(path))):
+        blob = Path(os.path.realpath(path))
+        if verify and not self._verified(repo, blob):
+            return None
+        if not verify and not self.offline and self._changed_since_verified(repo, blob):
+            log.warning("cache_blob_changed", repo=repo, file=filename, blob=str(blob))
             return None
         return path
 
@@ -370,10 +376,7 @@ class HubStore:
             if cached is not None:
                 return cached
             if self.offline:
-                raise OfflineError(
-                    f"offline mode: {repo}/{filename}@{revision} is not in the cache at {self.cache_dir}; "
-                    "pull it once with network access or turn offline mode off"
-                )
+                raise self._offline_error(repo, filename, revision)
 
         url = hf_hub_url(repo, filename, revision=revision, endpoint=self.endpoint)
         try:
@@ -445,6 +448,22 @@ class HubStore:
             sha256=etag if digest_kind == "sha256" else expected,
             downloaded_bytes=downloaded,
             from_cache=downloaded == 0,
+        )
+
+    def _offline_error(self, repo: str, filename: str, revision: str) -> OfflineError:
+        """Why an offline pull cannot be served from the cache: the file is missing, or its copy is damaged."""
+        damaged = self.local(repo, filename, revision, verify=False)
+        if damaged is None:
+            return OfflineError(
+                f"offline mode: {repo}/{filename}@{revision} is not in the cache at {self.cache_dir}; "
+                "pull it once with network access or turn offline mode off"
+            )
+        blob = os.path.realpath(damaged)
+        log.warning("cache_blob_corrupt", repo=repo, file=filename, blob=blob)
+        return OfflineError(
+            f"offline mode: the cached {repo}/{filename}@{revision} ({blob}) does not match its sha256 "
+            "(changed on disk after download) and is not used; pull it again with network access or turn "
+            "offline mode off"
         )
 
     def _cached_model(self, repo: str, filename: str, revision: str, expected: str | None) -> LocalModel | None:
@@ -609,6 +628,15 @@ class HubStore:
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps({"digest": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}))
         os.replace(tmp, marker)
+
+    def _changed_since_verified(self, repo: str, blob: Path) -> bool:
+        """True when ``blob`` was verified once and its size or mtime differs now (a stat, no hashing)."""
+        try:
+            seen = json.loads(self._marker(repo, blob).read_text())
+            st = blob.stat()
+            return bool(seen["size"] != st.st_size or seen["mtime_ns"] != st.st_mtime_ns)
+        except (OSError, ValueError, KeyError, TypeError):
+            return False  # never verified by us (or the marker is damaged): nothing to compare with
 
     def _verified(self, repo: str, blob: Path, expected: str | None = None) -> bool:
         """Whether ``blob`` matches its digest (its name) and ``expected``; hashes only if not remembered."""
