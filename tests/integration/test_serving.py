@@ -267,13 +267,14 @@ def test_sigterm_publishes_retained_offline_and_exits_zero(start_daemon, client:
 
 def test_sigterm_lets_the_running_generation_finish_and_cancels_queued(start_daemon, client: Client) -> None:
     """On SIGTERM the running request completes within the grace period; queued ones are answered 'cancelled'."""
-    d = start_daemon(model="slow")
+    # A grace period far beyond the generation's length: on a loaded machine 600 tokens took 11 s.
+    d = start_daemon(model="slow", inference={"shutdown_grace_s": 120.0})
     running = client.request("dev1", {**CHAT, "id": "run", "max_tokens": 600})
     queued = client.request("dev1", {**CHAT, "id": "wait", "max_tokens": 4})
     d.wait_event("request_queued", id="wait")
     d.signal(signal.SIGTERM)
     assert final(client.collect(queued))["error"]["code"] == "cancelled"
-    assert final(client.collect(running))["usage"]["completion_tokens"] == 600
+    assert final(client.collect(running, timeout=120))["usage"]["completion_tokens"] == 600
     assert d.wait(30) == 0
 
 
