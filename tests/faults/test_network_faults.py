@@ -44,7 +44,7 @@ PREFIX = "edge"
 INFER = f"{PREFIX}/dev1/infer"
 STATUS = f"{PREFIX}/dev1/status"
 CHAT = {"messages": [{"role": "user", "content": "Hello there"}], "temperature": 0}
-LONG = 900  # tokens: a few seconds of the "slow" tiny model, so a fault lands mid-stream
+LONG = 900  # tokens: about a second of the "slow" tiny model here, so a fault injected after chunk 0 lands mid-stream
 
 
 # --- a caller with a persistent session -----------------------------------------------------------
