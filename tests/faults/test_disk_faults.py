@@ -142,13 +142,28 @@ def test_cache_too_small_for_the_model_fails_the_start_clearly_then_pulls_once_s
         d.stop()
 
 
+def wait_for_partial(cache_dir: Path, d: DaemonProcess, *, at_least: int) -> None:
+    deadline = time.monotonic() + 60
+    while not any(p.stat().st_size >= at_least for p in cache_dir.rglob("*" + PARTIAL_SUFFIX)):
+        assert time.monotonic() < deadline and d.proc is not None and d.proc.poll() is None, d.log_text()[-3000:]
+        time.sleep(0.02)
+
+
+def answered_once(client: Client, reply_topic: str) -> dict:
+    """The one final reply on ``reply_topic``; fails if a second one follows within half a second."""
+    final = json.loads(client.collect(reply_topic, timeout=60)[-1].payload)
+    time.sleep(0.5)
+    assert client.messages.empty(), "a request was answered twice"
+    return final
+
+
 def test_disk_filling_up_mid_pull_keeps_the_partial_absent_and_the_next_start_resumes_it(
     tmp_path: Path, broker: Broker, tiny_models: dict[str, Path], tmpfs: Callable[[str, int], Tmpfs]
 ) -> None:
     """Something else fills the cache's filesystem while the daemon pulls: ENOSPC mid-write becomes exit 69
     with 'disk full while downloading' on the status topic and a pull_failed event; the partial file is
     kept but never present; once space is freed the next start asks only for the missing bytes, verifies
-    the sha256 and serves."""
+    the sha256, serves, and answers the request that arrived during the failed pull exactly once."""
     data = tiny_models["F16"].read_bytes()
     fs = tmpfs("hf-cache", 1024 * 1024)
     with FakeHub(throttle_bps=100_000) as slow:  # ~3 s for the chosen file
@@ -158,11 +173,9 @@ def test_disk_filling_up_mid_pull_keeps_the_partial_absent_and_the_next_start_re
         watcher.subscribe("edge/dev1/events")
         d = DaemonProcess(config=cfg, workdir=tmp_path).start()
         try:
-            partials = lambda: list(fs.path.rglob("*" + PARTIAL_SUFFIX))  # noqa: E731
-            deadline = time.monotonic() + 60
-            while not (partials() and partials()[0].stat().st_size >= 40_000):
-                assert time.monotonic() < deadline and d.proc.poll() is None, d.log_text()[-3000:]
-                time.sleep(0.02)
+            wait_for_partial(fs.path, d, at_least=40_000)
+            asker = Client(broker.port)
+            waiting = asker.request("dev1", {"prompt": "hi", "max_tokens": 3, "id": "sent-during-the-pull"})
             filler = fs.fill()
             assert d.wait(timeout=60) == 69
             status = watcher.retained("edge/dev1/status", state="offline")
@@ -171,7 +184,7 @@ def test_disk_filling_up_mid_pull_keeps_the_partial_absent_and_the_next_start_re
             assert [e["reason"] for e in event_kinds(watcher) if e["kind"] == "pull_failed"] == ["disk_full"]
             no_traceback(d)
             assert_absent(fs.path, data)
-            (partial,) = partials()
+            (partial,) = fs.path.rglob("*" + PARTIAL_SUFFIX)
             kept = partial.stat().st_size
             assert 0 < kept < len(data)
             assert partial.read_bytes() == data[:kept]  # what was written is the file's true prefix
@@ -187,14 +200,17 @@ def test_disk_filling_up_mid_pull_keeps_the_partial_absent_and_the_next_start_re
                 assert resumed[0].body_bytes == len(data) - kept
                 finished = again.wait_event("pull_finished")
                 assert finished["bytes"] == len(data) - kept
+                # The request that arrived during the failed pull waited in the broker session: answered once.
+                assert answered_once(asker, waiting)["usage"]["completion_tokens"] == 3
                 assert serve_once(broker)["usage"]["completion_tokens"] == 2
                 # Present means verified: the blob is named by the sha256 of what is on disk.
                 path = HubStore(cache_dir=fs.path, offline=True).local(HUB_REPO, CHOSEN)
                 assert path is not None
                 assert Path(os.path.realpath(path)).name == hashlib.sha256(path.read_bytes()).hexdigest()
-                assert not partials()
+                assert not list(fs.path.rglob("*" + PARTIAL_SUFFIX))
             finally:
                 again.stop()
+                asker.close()
         finally:
             watcher.close()
             d.stop()
@@ -226,6 +242,45 @@ def test_pull_cli_on_a_full_disk_exits_69_with_one_line_then_pulls_after_space_i
     result = json.loads(out.stdout)
     assert (result["from_cache"], result["downloaded_bytes"]) == (False, len(data))
     assert Path(result["path"]).read_bytes() == data
+
+
+def test_pull_cli_when_the_disk_fills_mid_download_exits_69_and_the_next_pull_resumes(
+    tmp_path: Path, broker: Broker, tiny_models: dict[str, Path], tmpfs: Callable[[str, int], Tmpfs]
+) -> None:
+    """`edge-agent pull` with the disk filling up mid-file: exit 69, one error line saying the partial file is
+    kept, nothing present; after space is freed the next pull fetches only the rest and verifies it."""
+    data = tiny_models["F16"].read_bytes()
+    fs = tmpfs("hf-cache", 1024 * 1024)
+    with FakeHub(throttle_bps=100_000) as slow:
+        slow.add_repo(HUB_REPO, {name: tiny_models[tag] for tag, name in FILES.items()})
+        cfg = catalog_config(tmp_path, broker, slow, fs.path)
+        cli = subprocess.Popen([sys.executable, "-m", "agent", "pull", "--config", str(cfg), "tiny:F16", "--json"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not any(p.stat().st_size >= 40_000 for p in fs.path.rglob("*" + PARTIAL_SUFFIX)):
+                assert time.monotonic() < deadline and cli.poll() is None, cli.communicate()
+                time.sleep(0.02)
+            filler = fs.fill()
+            _, stderr = cli.communicate(timeout=60)
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+        assert cli.returncode == 69, stderr
+        errors = [line for line in stderr.splitlines() if line.startswith("edge-agent: error:")]
+        assert len(errors) == 1 and "disk full while downloading" in errors[0], stderr
+        assert "Traceback" not in stderr
+        assert_absent(fs.path, data)
+        (partial,) = fs.path.rglob("*" + PARTIAL_SUFFIX)
+        kept = partial.stat().st_size
+
+        filler.unlink()
+        slow.throttle_bps = None
+        out = run_cli("pull", "--config", str(cfg), "tiny:F16", "--json")
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)
+        assert result["downloaded_bytes"] == len(data) - kept
+        assert Path(result["path"]).read_bytes() == data
 
 
 # -- 2. disk full while telemetry is buffered ---------------------------------------------------------
