@@ -172,9 +172,13 @@ def mosquitto_rr(port: int, device_id: str, request: dict[str, Any], *, timeout:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def write_operator_config(path: Path, port: int) -> Path:
-    """The operator's own config for ``edge-agent fleet`` (only [mqtt] matters; no key: unsigned)."""
-    path.write_text(f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\ntopic_prefix = "{PREFIX}"\n')
+def write_operator_config(path: Path, port: int, private_key: Path | None = None) -> Path:
+    """The operator's own config for ``edge-agent fleet``: [mqtt], and the fleet's private key that
+    ``fleet cmd`` signs with (none: unsigned commands, which a keyed device refuses)."""
+    text = f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\ntopic_prefix = "{PREFIX}"\n'
+    if private_key is not None:
+        text += f'[fleet]\nprivate_key = "{private_key}"\n'
+    path.write_text(text)
     return path
 
 

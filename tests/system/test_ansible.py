@@ -12,6 +12,7 @@ import base64
 import csv
 import hashlib
 import io
+import json
 import shutil
 import zipfile
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from tests.support.ansible_output import changed_tasks
 from tests.support.broker import Broker
 from tests.support.fake_hub import FakeHub
 from tests.system.device import NOT_SOURCE, REPO, Device, DeviceError
+from tests.system.observer import fleet_cmd, write_operator_config
 from tests.system.provision import Play, ansible_tool, nsenter_connection_available, playbook, write_inventory
 from tests.system.report import record
 from tests.system.serving import MAX_EXPOSURE, exposure, serving
@@ -139,6 +141,26 @@ def test_role_installs_a_hardened_service_that_answers(fleet: Fleet, hub: FakeHu
     assert answer.returncode == 0, answer.stdout + answer.stderr
     # Pre-pulled during the play with the hf_token credential, before the service started.
     assert any(r.authorization == f"Bearer {FAKE_HF_TOKEN}" for r in hub.log if r.server == "hub")
+
+
+def test_role_keys_the_device_for_signed_fleet_commands(fleet: Fleet) -> None:
+    """The role made the fleet key pair on the controller (next to the inventory, private key 0600, never
+    copied over) and gave the device the public key: a signed ping runs, an unsigned one is refused."""
+    keys = fleet.work / "fleet-key"
+    assert (keys / "fleet_key.pem").stat().st_mode & 0o777 == 0o600
+    d = fleet.device
+    assert d.run(["cat", "/etc/edge-agent/credentials/fleet_pubkey"]).stdout == (keys / "fleet_pubkey.pem").read_text()
+    private_line = (keys / "fleet_key.pem").read_text().splitlines()[1]
+    leaked = d.run(["grep", "-rlF", "--", private_line, "/etc", "/opt/edge-agent", "/var/lib/edge-agent"],
+                   check=False)
+    assert leaked.stdout == "", leaked.stdout
+    signed = fleet_cmd(write_operator_config(fleet.work / "ops.toml", fleet.port, keys / "fleet_key.pem"),
+                       fleet.device_id, "ping")
+    unsigned = fleet_cmd(write_operator_config(fleet.work / "ops-unsigned.toml", fleet.port), fleet.device_id, "ping")
+    assert signed.returncode == 0, signed.stdout + signed.stderr
+    assert json.loads(signed.stdout)["results"][0]["result"]["pong"] is True
+    assert unsigned.returncode == 1, unsigned.stdout + unsigned.stderr
+    assert json.loads(unsigned.stdout)["results"][0]["error"]["code"] == "unsigned"
 
 
 def test_second_run_changes_nothing(fleet: Fleet) -> None:

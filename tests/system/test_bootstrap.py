@@ -1,5 +1,8 @@
 """One board installed with ``provisioning/bootstrap.sh``, then run through the scenarios a fleet meets.
 
+The board gets the fleet's public key (``--fleet-pubkey-file``, made on the host with ``fleet keygen``),
+so every fleet command below is signed by the operator's key, as in production.
+
 The device is booted once for the module and installed once (in the ``board`` fixture); the tests
 run in file order and each leaves it serving: install and rerun (scenario 1), a non-root operator
 (9), poison messages (7) and their warnings in the journal, fleet commands (5), the watchdog (6),
@@ -19,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from agent.fleet.signing import write_keypair
 from tests.support.broker import Broker
 from tests.support.fake_hub import FakeHub
 from tests.system.device import Device, DeviceError
@@ -55,17 +59,22 @@ class Board:
     args: list[str]
     first_output: str
     install_s: float
+    fleet_key: Path
+    """The operator's private key (on the host); the board has its public half as a credential."""
 
     def host_path(self, path: str) -> Path:
         return self.device.root / path.lstrip("/")
 
 
 @pytest.fixture(scope="module")
-def board(make_device: Callable[[str], Device], device_wheels: Path, hub: FakeHub, host_broker: Broker) -> Board:
+def board(make_device: Callable[[str], Device], device_wheels: Path, hub: FakeHub, host_broker: Broker,
+          tmp_path_factory: pytest.TempPathFactory) -> Board:
     """A fresh device with a login user ``alice``, installed by bootstrap.sh from the board's checkout."""
     device = make_device("a")
     device.run(["useradd", "--create-home", "--shell", "/bin/bash", "alice"])
     place_checkout(device, device_wheels)
+    fleet_key, fleet_pubkey = write_keypair(tmp_path_factory.mktemp("operator-keys"))
+    device.copy_in(fleet_pubkey, "/root/fleet_pubkey.pem")
     args = [
         "--model", "smollm2-135m-instruct",
         "--hub-endpoint", hub.endpoint,
@@ -75,6 +84,7 @@ def board(make_device: Callable[[str], Device], device_wheels: Path, hub: FakeHu
         "--mqtt-user", "edge", "--mqtt-password-file", write_secret(device, "mqtt_password", FAKE_MQTT_PASSWORD),
         "--hf-token-file", write_secret(device, "hf_token", FAKE_HF_TOKEN),
         "--operator", "alice",
+        "--fleet-pubkey-file", "/root/fleet_pubkey.pem",
     ]
     started = time.monotonic()
     first = bootstrap(device, *args)
@@ -83,7 +93,7 @@ def board(make_device: Callable[[str], Device], device_wheels: Path, hub: FakeHu
     if first.returncode != 0:
         raise DeviceError(f"bootstrap.sh failed (exit {first.returncode}):\n{first.stdout[-5000:]}\n"
                           f"{first.stderr[-3000:]}\n{device.journal(lines=30)}")
-    return Board(device, device.name, host_broker.port, args, first.stdout + first.stderr, install_s)
+    return Board(device, device.name, host_broker.port, args, first.stdout + first.stderr, install_s, fleet_key)
 
 
 # --- scenario 1: install, serve, rerun --------------------------------------------------------------
@@ -123,6 +133,10 @@ def test_bootstrap_installs_a_hardened_service_that_answers_and_reruns_clean(boa
     assert "root:root 600 /etc/edge-agent/credentials/mqtt_password" in modes
     assert "root:root 600 /etc/edge-agent/credentials/hf_token" in modes
     assert f"root:edge-agent 640 {CONFIG}" in modes
+    # Keyed for signed fleet commands: no warning that commands would be refused.
+    assert "refuse every fleet command" not in board.first_output
+    assert "LoadCredential=fleet_pubkey:/etc/edge-agent/credentials/fleet_pubkey" in d.run(
+        ["cat", "/etc/systemd/system/edge-agent.service.d/10-credentials.conf"]).stdout
 
 
 # --- scenario 9: a non-root operator ----------------------------------------------------------------
@@ -230,8 +244,8 @@ def test_warnings_reach_the_journal_at_warning_priority(board: Board) -> None:
 
 @pytest.fixture(scope="module")
 def ops(board: Board, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The operator's config on the host (no fleet key: the device accepts unsigned commands)."""
-    return write_operator_config(tmp_path_factory.mktemp("ops") / "ops.toml", board.port)
+    """The operator's config on the host, with the fleet's private key: `fleet cmd` signs every command."""
+    return write_operator_config(tmp_path_factory.mktemp("ops") / "ops.toml", board.port, board.fleet_key)
 
 
 def _one_result(run: subprocess.CompletedProcess[str]) -> dict[str, Any]:
@@ -250,6 +264,11 @@ def test_config_set_persists_in_the_override_file_across_a_restart(board: Board,
     reset_failed(d)
     wait_active(d)
     provisioned = board.host_path(CONFIG).read_text()
+    # The same command unsigned is refused by the keyed board (loaded as the fleet_pubkey credential).
+    no_key = write_operator_config(ops.parent / "unsigned.toml", board.port)
+    refused = fleet_cmd(no_key, device_id, "config-set", "key=inference.max_queue", "value=3")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert json.loads(refused.stdout)["results"][0]["error"]["code"] == "unsigned", refused.stdout
     result = _one_result(fleet_cmd(ops, device_id, "config-set", "key=inference.max_queue", "value=3"))
     assert result["result"]["persisted"], result
     overrides = board.host_path(OVERRIDES)
