@@ -746,5 +746,6 @@ class Daemon:
             since=round(time.time(), 3),
             progress=self._progress if state == "pulling" else None,
             detail=detail,
+            commands=self._fleet.policy if self._fleet is not None else None,
         )
         return json.dumps(status.model_dump(exclude_none=True)).encode()

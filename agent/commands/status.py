@@ -22,6 +22,14 @@ QUIET_S = 1.0
 """Retained messages arrive right after the subscription; this long with nothing more means none are left."""
 
 
+COMMAND_POLICIES = {
+    "signed": "fleet commands signed by the fleet key only",
+    "unsigned": "UNSIGNED fleet commands run (fleet.allow_unsigned, no fleet key)",
+    "refused": "fleet commands refused (no fleet key)",
+}
+"""How the retained status's ``commands`` reads to an operator."""
+
+
 class NoStatusError(AgentError):
     """The broker holds no retained status for the device."""
 
@@ -94,6 +102,7 @@ def _extra(view: DeviceView, now: float) -> dict[str, Any]:
         "threads": t.get("threads") if t.get("threads") is not None else s.get("threads"),
         "requests_served": t.get("requests_served"),
         "requests_failed": t.get("requests_failed"),
+        "commands": s.get("commands"),
     }
 
 
@@ -114,6 +123,8 @@ def render_status(summary: dict[str, Any], view: DeviceView, now: float) -> str:
     if summary.get("threads"):
         model += f", {summary['threads']} threads"
     rows += [("model", model), ("mode", str(summary.get("mode") or "-"))]
+    if summary.get("commands"):
+        rows.append(("commands", COMMAND_POLICIES.get(str(summary["commands"]), str(summary["commands"]))))
     if view.telemetry:
         queue = summary.get("queue")
         rows.append(("queue", "-" if queue is None else f"{queue:.0f}"))

@@ -165,6 +165,12 @@ class Status(WireModel):
     since: float | None = Field(None, description="Unix time this state began.")
     progress: PullProgress | None = Field(None, description="While 'pulling': bytes downloaded so far.")
     detail: str | None = Field(None, description="Why the device is 'offline' after a failed start.")
+    commands: Literal["signed", "unsigned", "refused"] | None = Field(
+        None,
+        description="What the device does with fleet commands: runs only signed ones (it has the fleet key), "
+        "runs unsigned ones (fleet.allow_unsigned, no key: anyone who can publish to its command topics "
+        "controls it), or refuses them all (no key).",
+    )
 
 
 def parse_request(payload: bytes, max_bytes: int) -> InferRequest:

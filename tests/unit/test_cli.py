@@ -273,7 +273,8 @@ def test_reset_overrides_removes_a_corrupt_layer(tmp_path: Path, capsys: pytest.
 
 
 def test_status_summary_shows_state_model_mode_queue_and_uptime() -> None:
-    """The human summary of a retained status + telemetry: uptime counts on from the last reading."""
+    """The human summary of a retained status + telemetry: uptime counts on from the last reading; the
+    fleet command policy is spelled out."""
     from agent.commands.fleet import DeviceView
     from agent.commands.status import _extra, render_status
 
@@ -281,7 +282,7 @@ def test_status_summary_shows_state_model_mode_queue_and_uptime() -> None:
     view = DeviceView(
         "pi-1",
         status={"state": "online", "groups": ["kitchen"], "model": "gemma-3-270m-it", "quant": "Q8_0",
-                "n_ctx": 2048, "threads": 4, "since": now - 3600},
+                "n_ctx": 2048, "threads": 4, "since": now - 3600, "commands": "unsigned"},
         telemetry={"ts": now - 10, "queue_depth": 2, "mode": "degraded", "uptime_s": 7190,
                    "requests_served": 5, "requests_failed": 1},
     )
@@ -293,6 +294,7 @@ def test_status_summary_shows_state_model_mode_queue_and_uptime() -> None:
         "state": "online, since 1h 00m ago",
         "model": "gemma-3-270m-it Q8_0, n_ctx 2048, 4 threads",
         "mode": "degraded",
+        "commands": "UNSIGNED fleet commands run (fleet.allow_unsigned, no fleet key)",
         "queue": "2",
         "uptime": "2h 00m",
         "requests": "5 served, 1 failed",
