@@ -404,7 +404,8 @@ def test_a_daemon_without_a_key_refuses_every_command_naming_the_fix(start_daemo
         assert "fleet.allow_unsigned = true" in error["message"]
     client = Client(broker.port)
     try:
-        assert client.retained("edge/dev1/status")["state"] == "online"  # the drains did not run
+        status = client.retained("edge/dev1/status")
+        assert (status["state"], status["commands"]) == ("online", "refused")  # the drains did not run
         reply = client.collect(client.request("dev1", {"id": "still-serving", "prompt": "hi", "max_tokens": 2}))
     finally:
         client.close()
@@ -415,10 +416,15 @@ def test_a_daemon_without_a_key_refuses_every_command_naming_the_fix(start_daemo
 def test_allow_unsigned_daemons_say_so_loudly_at_start(fleet: Fleet) -> None:
     """The module's daemons (fleet.allow_unsigned = true, no key) each logged fleet_unsigned_commands_allowed
     as a warning when they started, and ran the unsigned commands of the tests above."""
-    for device, daemon in fleet.daemons.items():
-        event = daemon.wait_event("fleet_unsigned_commands_allowed", timeout=1)
-        assert event["level"] == "warning", (device, event)
-        assert "anyone who can publish" in event["risk"]
+    watcher = Client(fleet.broker.port)
+    try:
+        for device, daemon in fleet.daemons.items():
+            event = daemon.wait_event("fleet_unsigned_commands_allowed", timeout=1)
+            assert event["level"] == "warning", (device, event)
+            assert "anyone who can publish" in event["risk"]
+            assert watcher.retained(f"edge/{device}/status")["commands"] == "unsigned"
+    finally:
+        watcher.close()
     code, out = fleet_cmd(fleet, "all", "ping")
     assert code == 0, out
 
@@ -463,7 +469,8 @@ def test_signed_daemon_runs_only_commands_signed_by_the_fleet_key(start_daemon, 
     assert daemon.wait_event("fleet_signed_commands_required")["public_key"] == str(keys / "fleet_pubkey.pem")
     watcher = Client(broker.port)
     try:
-        watcher.retained("edge/dev1/status", state="online")  # subscribed by now (same connection, earlier)
+        # Subscribed by now (same connection, earlier); the status says signatures are required.
+        assert watcher.retained("edge/dev1/status", state="online")["commands"] == "signed"
     finally:
         watcher.close()
 
