@@ -66,6 +66,7 @@ _SHA256: Final = re.compile(r"[0-9a-f]{64}")
 _GIT_SHA1: Final = re.compile(r"[0-9a-f]{40}")
 _FSYNC_EVERY: Final = 64 * 1024 * 1024  # bytes between fsyncs of the partial file: bounds loss on power cut
 _HASH_CHUNK: Final = 4 * 1024 * 1024
+_DISK_FULL: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(bytes_done, bytes_total)`` while a pull transfers bytes (from the pull's thread)."""
@@ -342,7 +343,17 @@ class HubStore:
         started = time.monotonic()
         log.info("pull_started", repo=repo, file=filename, revision=revision)
         try:
-            model = self._pull(repo, filename, revision, expected_sha256, progress)
+            try:
+                model = self._pull(repo, filename, revision, expected_sha256, progress)
+            except OSError as exc:
+                if isinstance(exc, HubError) or exc.errno not in _DISK_FULL:
+                    raise
+                # Out of space after the bytes landed (lock, verification record): still our disk-full error,
+                # so the CLI and the daemon report it as such, not as an internal error with a traceback.
+                raise DiskFullError(
+                    f"disk full while writing {repo}/{filename} into the cache at {self.cache_dir}"
+                    f"{f' ({exc.filename})' if exc.filename else ''}; free some space and pull again"
+                ) from exc
         except HubError as exc:
             log.warning("pull_failed", repo=repo, file=filename, revision=revision, reason=exc.code, error=str(exc))
             raise
@@ -626,8 +637,12 @@ class HubStore:
         marker.parent.mkdir(parents=True, exist_ok=True)
         st = blob.stat()
         tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"digest": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}))
-        os.replace(tmp, marker)
+        try:
+            tmp.write_text(json.dumps({"digest": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}))
+            os.replace(tmp, marker)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # the blob stays; without a record it is hashed again next time
+            raise
 
     def _changed_since_verified(self, repo: str, blob: Path) -> bool:
         """True when ``blob`` was verified once and its size or mtime differs now (a stat, no hashing)."""
@@ -725,7 +740,7 @@ class HubStore:
         if isinstance(exc, httpx2.TransportError | hf_errors.FileMetadataError):
             return HubUnreachableError(f"cannot reach {self.endpoint} for {what}: {exc}")
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            return DiskFullError(f"disk full while writing {what} to {self.cache_dir}")
+            return DiskFullError(f"disk full while writing {what} to {self.cache_dir}; free some space and pull again")
         return HubError(f"unexpected error for {what}: {type(exc).__name__}: {exc}")
 
 

@@ -283,6 +283,32 @@ def test_pull_cli_when_the_disk_fills_mid_download_exits_69_and_the_next_pull_re
         assert Path(result["path"]).read_bytes() == data
 
 
+def test_pull_into_a_cache_with_room_for_the_file_but_not_its_bookkeeping_is_a_disk_full_error(
+    tmp_path: Path, broker: Broker, hub: FakeHub, tmpfs: Callable[[str, int], Tmpfs], tiny_models: dict[str, Path]
+) -> None:
+    """A tmpfs of exactly the file's pages: the bytes fit and verify, the verification record and refs/ do
+    not. `edge-agent pull` exits 69 with one 'disk full' line (no traceback), nothing is present, and once
+    there is room the next pull completes without downloading the file again."""
+    data = tiny_models["F16"].read_bytes()
+    page = os.sysconf("SC_PAGE_SIZE")
+    fs = tmpfs("hf-cache", -(-len(data) // page) * page)
+    cfg = catalog_config(tmp_path, broker, hub, fs.path)
+    out = run_cli("pull", "--config", str(cfg), "tiny:F16", "--json")
+    assert out.returncode == 69, out.stdout + out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("edge-agent: error:")]
+    assert len(errors) == 1 and "disk full" in errors[0], out.stderr
+    assert "Traceback" not in out.stderr
+    assert HubStore(cache_dir=fs.path, offline=True).local(HUB_REPO, CHOSEN) is None
+
+    fs.resize(1024 * 1024)
+    hub.reset_log()
+    out = run_cli("pull", "--config", str(cfg), "tiny:F16", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["downloaded_bytes"] == 0  # the verified bytes were kept
+    assert [g for g in hub.file_gets(CHOSEN) if not (g.range or "").startswith("bytes=0-")] == []
+    assert HubStore(cache_dir=fs.path, offline=True).local(HUB_REPO, CHOSEN) is not None
+
+
 # -- 2. disk full while telemetry is buffered ---------------------------------------------------------
 
 
