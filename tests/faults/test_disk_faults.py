@@ -81,6 +81,14 @@ def assert_absent(cache_dir: Path, data: bytes) -> None:
     assert not (blobs / hashlib.sha256(data).hexdigest()).exists()
 
 
+def assert_present_and_verified(cache_dir: Path) -> None:
+    """Present means verified: the blob is named by the sha256 of what is on disk; no partial file is left."""
+    path = HubStore(cache_dir=cache_dir, offline=True).local(HUB_REPO, CHOSEN)
+    assert path is not None
+    assert Path(os.path.realpath(path)).name == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert not list(cache_dir.rglob("*" + PARTIAL_SUFFIX))
+
+
 def serve_once(broker: Broker) -> dict:
     c = Client(broker.port)
     try:
@@ -128,6 +136,7 @@ def test_cache_too_small_for_the_model_fails_the_start_clearly_then_pulls_once_s
         no_traceback(d)
         assert_absent(fs.path, data)
         assert [g for g in hub.file_gets(CHOSEN) if not (g.range or "").startswith("bytes=0-")] == []
+        print(f"\n[cache too small] exit 69, detail: {status['detail']}")
 
         fs.resize(2 * 1024 * 1024)
         again = DaemonProcess(config=cfg, workdir=tmp_path).start()
@@ -203,11 +212,9 @@ def test_disk_filling_up_mid_pull_keeps_the_partial_absent_and_the_next_start_re
                 # The request that arrived during the failed pull waited in the broker session: answered once.
                 assert answered_once(asker, waiting)["usage"]["completion_tokens"] == 3
                 assert serve_once(broker)["usage"]["completion_tokens"] == 2
-                # Present means verified: the blob is named by the sha256 of what is on disk.
-                path = HubStore(cache_dir=fs.path, offline=True).local(HUB_REPO, CHOSEN)
-                assert path is not None
-                assert Path(os.path.realpath(path)).name == hashlib.sha256(path.read_bytes()).hexdigest()
-                assert not list(fs.path.rglob("*" + PARTIAL_SUFFIX))
+                assert_present_and_verified(fs.path)
+                print(f"\n[disk full mid-pull] exit 69 with {kept} of {len(data)} bytes kept; detail: "
+                      f"{status['detail']}; the next start fetched {resumed[0].body_bytes} bytes (Range {kept}-)")
             finally:
                 again.stop()
                 asker.close()
@@ -281,6 +288,7 @@ def test_pull_cli_when_the_disk_fills_mid_download_exits_69_and_the_next_pull_re
         result = json.loads(out.stdout)
         assert result["downloaded_bytes"] == len(data) - kept
         assert Path(result["path"]).read_bytes() == data
+        print(f"\n[cli disk full mid-pull] {errors[0]}; resumed {result['downloaded_bytes']} of {len(data)} bytes")
 
 
 def test_pull_into_a_cache_with_room_for_the_file_but_not_its_bookkeeping_is_a_disk_full_error(
