@@ -18,7 +18,7 @@ from pathlib import Path
 import structlog
 
 from agent.engine.stops import StopScanner
-from agent.errors import BadRequestError, ModelFileError, ModelUnavailableError, TooLargeError
+from agent.errors import AgentError, BadRequestError, ModelFileError, ModelUnavailableError, TooLargeError
 
 log = structlog.get_logger("agent.engine")
 
@@ -65,6 +65,25 @@ def physical_cores() -> int:
     return n or os.cpu_count() or 1
 
 
+def diagnose_model_file(path: Path) -> str | None:
+    """Why llama.cpp refused ``path``, when its header shows it: llama.cpp itself only says "Failed to load
+    model from file", and the operator's next question is whether the file is damaged (re-pull it) or the
+    model is unsupported (pick another). None when the header and the file's size look sound."""
+    from agent.catalog.gguf_header import GgufFormatError, read_local  # noqa: PLC0415
+
+    try:
+        info = read_local(path)
+        size = path.stat().st_size
+    except GgufFormatError as exc:
+        return f"the file is damaged or not a GGUF model ({str(exc).removeprefix(f'{path}: ')})"
+    except (AgentError, OSError):
+        return None
+    end = info.data_offset + max((t.offset + t.n_bytes for t in info.tensors), default=0)
+    if size < end:
+        return f"the file is damaged or truncated: {size} bytes, its tensors end at byte {end} (pull it again)"
+    return None
+
+
 class LlamaEngine:
     """Owns one loaded model. Not thread-safe: the inference worker is its only caller."""
 
@@ -108,7 +127,10 @@ class LlamaEngine:
                 verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as exc:
-            raise ModelUnavailableError(f"llama.cpp could not load {self._path}: {exc}") from exc
+            reason = diagnose_model_file(self._path)
+            raise ModelUnavailableError(
+                f"llama.cpp could not load {self._path}: {reason or exc}"
+            ) from exc
         metadata: dict[str, str] = dict(llm.metadata)
         template = self._template_override or metadata.get("tokenizer.chat_template")
         if template:

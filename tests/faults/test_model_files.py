@@ -80,6 +80,9 @@ def test_a_damaged_local_model_file_stops_the_start_with_69_and_a_detail_naming_
     bad.write_bytes(DAMAGE[damage](bytearray(tiny_models["Q4_0"].read_bytes())))
     cfg = write_config(tmp_path / "agent.toml", port=broker.port, model_file=bad)
     status = assert_refused_cleanly(DaemonProcess(config=cfg, workdir=tmp_path).start(), broker, str(bad))
+    # And why: llama.cpp only says "Failed to load model from file"; the header says damaged or truncated.
+    assert "damaged" in status["detail"], status
+    assert damage != "truncated_mid_tensor_data" or "truncated" in status["detail"], status
     print(f"\n[{damage}] exit 69, detail: {status['detail'][:300]}")
 
 
