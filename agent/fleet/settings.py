@@ -45,7 +45,8 @@ class FleetSettings(Section):
     nonce_cache_size: int = Field(
         10_000,
         ge=16,
-        description="Signed-command nonces remembered (persisted) against replay; older ones fall out of the window.",
+        description="Signed-command nonces remembered (persisted) against replay: the newest this many, "
+        "forgotten by count only (never by the clock, which may step back).",
     )
     result_cache_size: int = Field(
         1_000,

@@ -107,10 +107,10 @@ def check_fresh(issued_at: float | None, now: float, window_s: float) -> None:
         raise StaleCommandError("signed commands must carry 'issued_at' (unix seconds)")
     skew = now - issued_at
     if abs(skew) > window_s:
-        direction = "old" if skew > 0 else "in the future"
+        side = "behind" if skew > 0 else "ahead of"
         raise StaleCommandError(
-            f"command issued {abs(skew):.0f} s {'ago' if skew > 0 else 'ahead'} is too {direction} "
-            f"(window {window_s:.0f} s); check the clocks"
+            f"command issued_at is {abs(skew):.0f} s {side} this device's clock (window {window_s:.0f} s); "
+            "check the clocks"
         )
 
 

@@ -424,16 +424,14 @@ class CommandNotRunError(AssertionError):
     """A valid signed command was refused because the daemon could not write its state."""
 
 
-@pytest.mark.xfail(raises=CommandNotRunError, strict=True, reason=(
-    "agent/fleet/commands.py JsonLru._append raises ENOSPC out of NonceCache.add/the result journal: with "
-    "fleet.state_dir full every signed command is refused 'internal ... not run' (fleet_command_crashed), so "
-    "an operator cannot run config-set/pull/restart to repair a device whose disk filled up"))
 def test_with_the_whole_state_dir_full_the_daemon_still_serves_and_runs_signed_commands(
     tmp_path: Path, broker: Broker, tiny_models: dict[str, Path], tmpfs: Callable[[str, int], Tmpfs]
 ) -> None:
     """/var/lib/edge-agent full, as on a device where the HF cache filled its disk: telemetry buffer, command
     journals, nonces and quarantine counts all fail to write. Requests are still served once each, a signed
-    command gets exactly one result and its replay never runs, nothing crashes; and the command runs."""
+    command gets exactly one result and its replay never runs, nothing crashes; and the command runs. Each
+    journal logs fleet_state_write_failed once (ENOSPC) however many commands follow; once space is freed
+    the next command's write recovers and saves what the episode could not, in whole lines."""
     private, public = write_keypair(tmp_path / "keys")
     fs = tmpfs("state", 256 * 1024)
     cfg = write_config(tmp_path / "agent.toml", port=broker.port, model_file=tiny_models["Q8_0"],
@@ -443,7 +441,7 @@ def test_with_the_whole_state_dir_full_the_daemon_still_serves_and_runs_signed_c
     c = Client(broker.port)
     try:
         d.wait_event("agent_started", timeout=60)
-        fs.fill()
+        filler = fs.fill()
         c.subscribe("edge/dev1/cmd/result")
         replies = [c.request("dev1", {"prompt": "hi", "max_tokens": 3, "id": f"full-{i}"}) for i in range(3)]
         for reply in replies:
@@ -463,6 +461,27 @@ def test_with_the_whole_state_dir_full_the_daemon_still_serves_and_runs_signed_c
               f"replay: {results[1].get('error') or results[1]}")
         if not results[0]["ok"]:
             raise CommandNotRunError(f"signed ping refused with the state dir full: {results[0]['error']}")
+
+        key = load_private_key(private)
+        second = build_command("ping", {}, "device", "dev1", key=key)
+        c.publish(command_topic("edge", "device", "dev1", "ping"), second)
+        assert json.loads(answered_on(c, "edge/dev1/cmd/result").payload)["ok"]
+        journals = {str(fs.path / "fleet" / name) for name in ("nonces.jsonl", "results.jsonl")}
+        failed = [e for e in d.events() if e.get("event") == "fleet_state_write_failed"]
+        assert sorted(e["path"] for e in failed) == sorted(journals), failed  # once each, not per command
+        assert {e["errno"] for e in failed} == {"ENOSPC"}, failed
+
+        filler.unlink()
+        third = build_command("ping", {}, "device", "dev1", key=key)
+        c.publish(command_topic("edge", "device", "dev1", "ping"), third)
+        assert json.loads(answered_on(c, "edge/dev1/cmd/result").payload)["ok"]
+        for path in journals:
+            assert d.wait_event("fleet_state_write_recovered", path=path)["saved_late"] == 2
+        nonces = [json.loads(line)[0] for line in (fs.path / "fleet" / "nonces.jsonl").read_bytes().splitlines()]
+        assert nonces == [ping["nonce"], second["nonce"], third["nonce"]]
+        ids = [json.loads(line)[0] for line in (fs.path / "fleet" / "results.jsonl").read_bytes().splitlines()]
+        assert ids == [ping["id"], second["id"], third["id"]]
+        no_traceback(d)
     finally:
         c.close()
         d.stop()

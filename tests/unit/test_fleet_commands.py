@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import threading
 import time
 import tomllib
@@ -14,7 +16,16 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.errors import ConfigError
-from agent.fleet.commands import FleetService, FleetTopics, JsonLru, build_command, command_topic, parse_target
+from agent.fleet import commands
+from agent.fleet.commands import (
+    FleetService,
+    FleetTopics,
+    JsonLru,
+    NonceCache,
+    build_command,
+    command_topic,
+    parse_target,
+)
 from agent.fleet.signing import load_private_key, sign_payload, write_keypair
 from agent.settings import OVERRIDES_FILE_NAME, load_config
 from agent.transport.mqtt import Incoming
@@ -62,13 +73,13 @@ RESULT = "edge/dev1/cmd/result"
 
 @pytest.fixture
 def make(tmp_path: Path) -> Callable[..., tuple[FleetService, FakeControl, Sink]]:
-    def _make(clock: float = NOW, config_path: Path | None = None, control: FakeControl | None = None,
-              **fleet: Any) -> tuple[FleetService, FakeControl, Sink]:
+    def _make(clock: float | Callable[[], float] = NOW, config_path: Path | None = None,
+              control: FakeControl | None = None, **fleet: Any) -> tuple[FleetService, FakeControl, Sink]:
         settings = make_settings("dev1", ["blue", "kitchen"], **fleet)
         control = control or FakeControl()
         sink = Sink()
         service = FleetService(settings, control, sink.publish, config_path, tmp_path / "state", ack=sink.ack,
-                               clock=lambda: clock)
+                               clock=clock if callable(clock) else lambda: clock)
         return service, control, sink
     return _make
 
@@ -321,6 +332,71 @@ def test_redelivered_signed_command_gets_its_stored_result(make: Callable[..., A
     assert control.names() == ["drain"]
 
 
+def test_stale_and_future_commands_say_which_side_of_the_device_clock_they_are(
+    make: Callable[..., Any], signer: tuple[Path, Path]
+) -> None:
+    """A refusal 'stale' names how far issued_at is behind or ahead of the device's clock, and the window."""
+    service, _, sink = make(public_key=signer[1])
+    service.handle(incoming("edge/dev1/cmd/drain", signed("drain", "device:dev1", signer[0], issued_at=NOW + 3600)))
+    service.handle(incoming("edge/dev1/cmd/drain", signed("drain", "device:dev1", signer[0], issued_at=NOW - 3600),
+                            mid=2))
+    assert [r["error"]["message"] for r in sink.on(RESULT)] == [
+        "command issued_at is 3600 s ahead of this device's clock (window 300 s); check the clocks",
+        "command issued_at is 3600 s behind this device's clock (window 300 s); check the clocks",
+    ]
+
+
+class Clock:
+    """A wall clock the test steps, like an NTP correction would."""
+
+    def __init__(self, now: float = NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_replay_after_the_clock_steps_back_is_refused_once_its_id_left_the_result_store(
+    make: Callable[..., Any], signer: tuple[Path, Path]
+) -> None:
+    """A command accepted while the clock is 1 h ahead does not make the device forget the nonces of commands
+    issued before: once the clock steps back, a command captured before the jump is refused 'replayed' even
+    after its id has left the result store."""
+    clock = Clock()
+    service, control, sink = make(clock=clock, public_key=signer[1], result_cache_size=16)
+    captured = signed("drain", "device:dev1", signer[0])
+    service.handle(incoming("edge/dev1/cmd/drain", captured))
+    clock.now = NOW + 3600
+    service.handle(incoming("edge/dev1/cmd/drain", signed("drain", "device:dev1", signer[0], issued_at=NOW + 3600)))
+    clock.now = NOW
+    for _ in range(16):  # push the captured id out of the result store
+        service.handle(incoming("edge/dev1/cmd/drain", signed("drain", "device:dev1", signer[0])))
+    assert control.names().count("drain") == 18
+    service.handle(incoming("edge/dev1/cmd/drain", captured))
+    assert sink.on(RESULT)[-1]["error"]["code"] == "replayed"
+    assert control.names().count("drain") == 18
+
+
+def test_nonces_are_forgotten_by_count_only_oldest_accepted_first(tmp_path: Path) -> None:
+    """The nonce cache keeps the newest nonce_cache_size nonces whatever their issued_at, across a restart."""
+    cache = NonceCache(tmp_path / "nonces.jsonl", 16)
+    assert cache.use("n-0", NOW)
+    for i, issued in enumerate([NOW - 86_400, NOW + 86_400, 0.0] * 5 + [NOW], start=1):
+        assert cache.use(f"n-{i}", issued)
+    assert not cache.use("n-16", NOW)
+    restarted = NonceCache(tmp_path / "nonces.jsonl", 16)
+    assert [restarted.seen(f"n-{i}") for i in (0, 1, 16)] == [False, True, True]
+
+
+def test_a_nonce_journal_from_an_earlier_release_still_refuses_its_nonces(tmp_path: Path) -> None:
+    """nonces.jsonl keeps its format ([nonce, issued_at] per line): nonces written before the upgrade are known."""
+    path = tmp_path / "nonces.jsonl"
+    path.write_text('["old-nonce-1",1700000000.0]\n["old-nonce-2",1699999000.5]\n')
+    cache = NonceCache(path, 16)
+    assert (cache.seen("old-nonce-1"), cache.seen("old-nonce-2")) == (True, True)
+    assert not cache.use("old-nonce-1", NOW)
+
+
 def test_without_a_key_every_command_is_refused_naming_the_fix(make: Callable[..., Any]) -> None:
     """No key and no allow_unsigned: signed or not, every command is refused 'no_fleet_key' on the device's
     own result topic only (never the sender's), with the two fixes named; nothing runs, the message is acked."""
@@ -493,3 +569,114 @@ def test_store_compacts_its_journal_and_stays_bounded(tmp_path: Path) -> None:
     reloaded = JsonLru(path, 16)
     assert len(reloaded) == 16
     assert (reloaded.get("k99"), reloaded.get("k84"), reloaded.get("k83")) == (99, 84, None)
+
+
+def test_store_appends_after_a_torn_last_line_without_losing_the_new_entry(tmp_path: Path) -> None:
+    """A put after a power cut mid-append starts a new line: only the torn one is skipped on the next load."""
+    path = tmp_path / "r.jsonl"
+    JsonLru(path, 16).put("a", 1)
+    with path.open("ab") as f:
+        f.write('["b", "ü'.encode()[:-1])  # torn inside a multi-byte character, too
+    store = JsonLru(path, 16)
+    store.put("c", 3)
+    reloaded = JsonLru(path, 16)
+    assert (reloaded.get("a"), reloaded.get("b"), reloaded.get("c")) == (1, None, 3)
+
+
+class DiskFull:
+    """Stands in for ``os`` in agent.fleet.commands: after ``room`` more bytes, writes fail with ENOSPC."""
+
+    def __init__(self, room: int = 0) -> None:
+        self.room = room
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def write(self, fd: int, data: Any) -> int:
+        if self.room <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written = os.write(fd, bytes(data[: self.room]))
+        self.room -= written
+        return written
+
+
+@pytest.fixture
+def disk(monkeypatch: pytest.MonkeyPatch) -> DiskFull:
+    """The fleet journals' disk, with plenty of room until a test sets ``room``."""
+    fake = DiskFull(room=1 << 30)
+    monkeypatch.setattr(commands, "os", fake)
+    return fake
+
+
+def test_a_write_cut_short_by_a_full_disk_leaves_only_whole_lines(tmp_path: Path, disk: DiskFull) -> None:
+    """A put that fills the disk mid-line is kept in memory and cut off the file; once there is room again the
+    next put also writes it, so a restart reads every entry and skips nothing."""
+    path = tmp_path / "r.jsonl"
+    store = JsonLru(path, 16)
+    store.put("a", {"ok": True})
+    disk.room = 5
+    store.put("b", {"ok": False})
+    assert store.get("b") == {"ok": False}
+    assert path.read_bytes() == b'["a",{"ok":true}]\n'
+    disk.room = 1 << 30
+    store.put("c", {"ok": True})
+    with capture_logs() as logs:
+        reloaded = JsonLru(path, 16)
+    assert [reloaded.get(k) for k in "abc"] == [{"ok": True}, {"ok": False}, {"ok": True}]
+    assert logs == []
+
+
+def test_a_full_state_dir_still_runs_signed_commands_and_refuses_their_replays(
+    make: Callable[..., Any], signer: tuple[Path, Path], disk: DiskFull
+) -> None:
+    """With every journal write refused (ENOSPC), signed commands still run, each journal logs one warning for
+    the episode (not one per command), and the nonces and results kept in memory still refuse a replay and
+    answer a redelivery; when writes work again each journal logs its recovery and saves what it missed, so a
+    restart refuses the replay too."""
+    disk.room = 0
+    with capture_logs() as logs:
+        service, control, sink = make(public_key=signer[1])
+        first = signed("drain", "device:dev1", signer[0])
+        service.handle(incoming("edge/dev1/cmd/drain", first))
+        service.handle(incoming("edge/dev1/cmd/drain", signed("drain", "device:dev1", signer[0]), mid=2))
+        service.handle(incoming("edge/dev1/cmd/drain", first, mid=3))
+        replay = sign_payload({**first, "id": "other-id"}, load_private_key(signer[0]))
+        service.handle(incoming("edge/dev1/cmd/drain", replay, mid=4))
+    outcomes = ["duplicate" if r.get("duplicate") else "ok" if r["ok"] else r["error"]["code"]
+                for r in sink.on(RESULT)]
+    assert outcomes == ["ok", "ok", "duplicate", "replayed"]
+    assert control.names() == ["drain", "drain"]
+    failed = [e for e in logs if e["event"] == "fleet_state_write_failed"]
+    assert sorted(Path(e["path"]).name for e in failed) == ["nonces.jsonl", "results.jsonl"]
+    assert {(e["errno"], e["log_level"]) for e in failed} == {("ENOSPC", "warning")}
+
+    disk.room = 1 << 30
+    with capture_logs() as logs:
+        service.handle(incoming("edge/dev1/cmd/drain", signed("drain", "device:dev1", signer[0]), mid=5))
+    recovered = [e for e in logs if e["event"] == "fleet_state_write_recovered"]
+    assert sorted((Path(e["path"]).name, e["saved_late"]) for e in recovered) == [
+        ("nonces.jsonl", 2), ("results.jsonl", 2)]
+    restarted, control2, sink2 = make(public_key=signer[1])
+    restarted.handle(incoming("edge/dev1/cmd/drain", replay))
+    assert sink2.on(RESULT)[0]["error"]["code"] == "replayed"
+    assert control2.names() == []
+
+
+def test_after_a_restart_on_a_full_disk_an_unsaved_nonce_is_bounded_by_the_window_only(
+    make: Callable[..., Any], signer: tuple[Path, Path], disk: DiskFull
+) -> None:
+    """The documented trade-off: a nonce the full disk never took is forgotten by a restart, so a replay under a
+    new id runs while issued_at is inside signature_window_s, and is refused 'stale' after it."""
+    disk.room = 0
+    service, control, _ = make(public_key=signer[1])
+    first = signed("drain", "device:dev1", signer[0])
+    service.handle(incoming("edge/dev1/cmd/drain", first))
+    replay = sign_payload({**first, "id": "other-id"}, load_private_key(signer[0]))
+    inside, control_inside, _ = make(public_key=signer[1])
+    inside.handle(incoming("edge/dev1/cmd/drain", replay))
+    assert control_inside.names() == ["drain"]
+    later, _, sink = make(clock=NOW + 301, public_key=signer[1])
+    later.handle(incoming("edge/dev1/cmd/drain", sign_payload({**first, "id": "third-id"},
+                                                             load_private_key(signer[0]))))
+    assert control.names() == ["drain"]
+    assert sink.on(RESULT)[0]["error"]["code"] == "stale"
