@@ -1,7 +1,9 @@
 """Building blocks for config sections, importable by any module without import cycles.
 
-Each capability defines its own section model next to its code (``TelemetrySettings`` in the
-telemetry module, and so on); ``agent.settings`` assembles them into the file's top level.
+Each capability's section model lives in :mod:`agent.config` (``agent.config.telemetry`` and so on),
+which imports nothing but pydantic and this module; ``agent.settings`` assembles them into the file's top
+level. Keeping sections out of the capability packages keeps configuration at the bottom of the import
+graph: loading the config never imports the hardware probe, psutil or the services.
 """
 
 from __future__ import annotations

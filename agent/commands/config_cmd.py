@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import SecretStr
 
+from agent.config.fleet import PUBKEY_CREDENTIAL
 from agent.errors import AgentError, ConfigError
-from agent.fleet.settings import PUBKEY_CREDENTIAL
 from agent.permissions import denied, is_denied
 from agent.settings import (
     DEFAULT_CONFIG_PATH,

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.commands.config_cmd import add_config_argument
+from agent.config.fleet import FleetSettings
 from agent.errors import AgentError, BadRequestError, DeadlineExceededError, TransportError
 from agent.fleet.commands import Scope, build_command, command_topic, parse_target, result_topic
-from agent.fleet.settings import FleetSettings
 from agent.fleet.signing import load_private_key, write_keypair
 from agent.settings import Settings, load_settings
 from agent.transport.mqtt import Incoming, LinkEvent, MqttLink

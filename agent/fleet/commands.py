@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from agent.config.fleet import CommandPolicy, FleetSettings
 from agent.errors import AgentError, BadRequestError, ConfigError
 from agent.fleet.config_edit import UNSET, atomic_write, edit_overrides, get_value, read_document
-from agent.fleet.settings import CommandPolicy, FleetSettings
 from agent.fleet.signing import (
     BadSignatureError,
     NoFleetKeyError,

@@ -30,8 +30,8 @@ from typing import Any, Literal, Protocol
 
 import structlog
 
+from agent.config.cloud import CloudSettings
 from agent.errors import BadRequestError, TooLargeError
-from agent.services.cloud_settings import CloudSettings
 from agent.transport.limits import check_payload
 from agent.transport.mqtt import Connected, Disconnected, Incoming, LinkEvent, MqttLink
 from agent.transport.tls import TlsFailure

@@ -9,36 +9,16 @@ Transitions (downgrade, offload, pulls, failover) go to ``{prefix}/{device_id}/e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.adapt.policy import THROTTLE_FLAGS, Action, CapQuant, Number, SetThreads
 from agent.hardware.snapshot import DeviceSnapshot, ThrottleFlags
-from agent.settings_base import Section
 
 TELEMETRY_VERSION: Final = 1
 
 Mode = Literal["local", "degraded", "offloading"]
-
-
-class TelemetrySettings(Section):
-    """Config ``[telemetry]``."""
-
-    interval_s: float = Field(10.0, ge=1.0, description="Publish telemetry this often (and at once on a mode change).")
-    buffer_dir: Path = Field(
-        Path("/var/lib/edge-agent/telemetry"),
-        description="Where telemetry is kept while the broker is unreachable (survives restarts).",
-    )
-    buffer_max_bytes: int = Field(
-        2 * 1024 * 1024, ge=4096, description="Largest size of the offline buffer; the oldest records go first."
-    )
-    buffer_max_age_s: float = Field(
-        24 * 3600.0, gt=0, description="Buffered records older than this are dropped, not replayed."
-    )
-    ha_discovery: bool = Field(False, description="Publish Home Assistant MQTT discovery configs (retained).")
-    ha_prefix: str = Field("homeassistant", description="Home Assistant's discovery prefix.")
 
 
 class _Wire(BaseModel):

@@ -12,7 +12,7 @@ from typing import Any
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from agent.services.cloud_settings import CloudSettings
+from agent.config.cloud import CloudSettings
 from agent.services.offload import CloudRelay, RelayOutcome
 from agent.transport.mqtt import Incoming
 from tests.fuzz.payloads import BAD_UTF8, SURROGATE_ESCAPES

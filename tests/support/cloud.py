@@ -17,7 +17,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from agent.services.cloud_settings import CloudSettings
+from agent.config.cloud import CloudSettings
 from agent.services.offload import CloudRelay, RelayOutcome
 from agent.settings import MqttSettings
 from agent.transport.mqtt import Incoming, LinkEvent, MqttLink

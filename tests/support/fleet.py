@@ -16,9 +16,9 @@ from typing import Any
 
 from pydantic import Field
 
+from agent.config.fleet import FleetSettings
 from agent.errors import ModelUnavailableError
 from agent.fleet.commands import FleetService
-from agent.fleet.settings import FleetSettings
 from agent.settings import Settings
 from agent.transport.mqtt import Incoming, LinkEvent, MqttLink
 from tests.support.daemon import REPO

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from agent.services.cloud_settings import CloudSettings
+from agent.config.cloud import CloudSettings
 from agent.services.offload import Decision, OffloadFlags, _rewrite_request, expected_wait_ms, should_offload
 
 ON = CloudSettings(enabled=True)  # queue high 4, low 1, retry_after_ms 5000

@@ -11,9 +11,9 @@ import paho.mqtt.client as paho
 import pytest
 from structlog.testing import capture_logs
 
+from agent.config.cloud import CloudSettings
 from agent.errors import BadRequestError
 from agent.fleet.commands import FleetService
-from agent.services.cloud_settings import CloudSettings
 from agent.services.offload import CloudRelay, RelayOutcome
 from agent.settings import MqttSettings
 from agent.transport.mqtt import Incoming, MqttLink

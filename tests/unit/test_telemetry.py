@@ -8,13 +8,13 @@ import json
 import pytest
 
 from agent.adapt.policy import CapQuant, Offload, SetThreads
+from agent.config.telemetry import TelemetrySettings
 from agent.hardware.snapshot import ThrottleState
 from agent.services.telemetry import (
     Event,
     LimitCounts,
     RuntimeView,
     Telemetry,
-    TelemetrySettings,
     build_telemetry,
     event_from_action,
 )

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pydantic import Field, SecretStr, model_validator
 
+from agent.config.mqtt import MqttSettings
 from agent.settings_base import Section
-
-if TYPE_CHECKING:
-    from agent.settings import MqttSettings
 
 
 class CloudSettings(Section):
@@ -75,9 +72,6 @@ class CloudSettings(Section):
 
     def mqtt(self, device_id: str) -> MqttSettings:
         """The cloud link as MqttSettings for :class:`agent.transport.mqtt.MqttLink` (always MQTT 5)."""
-        # Imported here so agent.settings can import this module for its [cloud] section without a cycle.
-        from agent.settings import MqttSettings  # noqa: PLC0415
-
         return MqttSettings.model_validate(
             {
                 "host": self.host,
