@@ -9,7 +9,6 @@ because guessing a template makes a model answer badly without saying why.
 from __future__ import annotations
 
 import codecs
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import structlog
 
 from agent.engine.stops import StopScanner
 from agent.errors import AgentError, BadRequestError, ModelFileError, ModelUnavailableError, TooLargeError
+from agent.hardware.probe import physical_cores  # only agent.hardware asks the OS (psutil) about the CPU
 
 log = structlog.get_logger("agent.engine")
 
@@ -52,17 +52,6 @@ class LoadedModel:
     threads: int
     has_chat_template: bool
     load_s: float
-
-
-def physical_cores() -> int:
-    """Physical cores (llama.cpp is fastest with one thread per core), falling back to logical."""
-    try:
-        import psutil  # noqa: PLC0415 - only needed when threads = 0
-
-        n = psutil.cpu_count(logical=False)
-    except (ImportError, OSError):
-        n = None
-    return n or os.cpu_count() or 1
 
 
 def diagnose_model_file(path: Path) -> str | None:

@@ -423,6 +423,15 @@ def read_cpu(sys_root: Path = REAL_SYS_ROOT, proc_root: Path = REAL_PROC_ROOT, *
     )
 
 
+def physical_cores() -> int:
+    """Physical cores of this machine (llama.cpp is fastest with one thread per core), falling back to logical."""
+    try:
+        n = psutil.cpu_count(logical=False)
+    except OSError:
+        n = None
+    return n or os.cpu_count() or 1
+
+
 def read_board(sys_root: Path = REAL_SYS_ROOT, proc_root: Path = REAL_PROC_ROOT) -> str | None:
     """The board's name: the device-tree model on ARM boards, else DMI vendor + product on PCs."""
     try:
