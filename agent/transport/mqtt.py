@@ -32,8 +32,8 @@ import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.config.mqtt import MqttSettings
 from agent.errors import TooLargeError, TransportError
-from agent.settings import MqttSettings
 from agent.settings_base import credentials_dir
 from agent.transport.tls import (
     TlsContext,

@@ -29,7 +29,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.settings import MqttSettings
+from agent.config.mqtt import MqttSettings
 from agent.transport.mqtt import Connected, LinkEvent, MqttLink
 from tests.support.broker import Broker, free_port
 from tests.support.daemon import DaemonProcess

@@ -18,8 +18,8 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from agent.config.cloud import CloudSettings
+from agent.config.mqtt import MqttSettings
 from agent.services.offload import CloudRelay, RelayOutcome
-from agent.settings import MqttSettings
 from agent.transport.mqtt import Incoming, LinkEvent, MqttLink
 from agent.transport.topics import DeviceTopics
 
