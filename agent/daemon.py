@@ -15,7 +15,7 @@ import queue
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from types import FrameType
@@ -24,18 +24,20 @@ from typing import Any, Protocol
 import structlog
 
 from agent import __version__
-from agent.adapt.policy import CapQuant, Offload, PolicyState, SetThreads, decide, mode, observe
+from agent.adapt.policy import Action, observe
 from agent.adapt.settings import ThermalLimits, board_limits
 from agent.control import DaemonControl, run_logged
-from agent.engine.llama import LlamaEngine, LoadedModel
+from agent.engine.llama import LoadedModel
 from agent.errors import AgentError, ConfigError
 from agent.fleet.commands import FleetService
 from agent.hardware.probe import CpuPercentSampler, probe_device
 from agent.hardware.snapshot import DeviceSnapshot
 from agent.logs import configure_logging
+from agent.services.adaptation import Adaptation
 from agent.services.bulkhead import Bulkhead, BulkheadCounters
 from agent.services.ha_discovery import discovery_messages
 from agent.services.inference import InferenceService, ReplyAddress
+from agent.services.model import ModelOwner, planner_for
 from agent.services.offload import CloudRelay, OffloadFlags, expected_wait_ms, should_offload
 from agent.services.telemetry import Event, LimitCounts, Mode, RuntimeView, build_telemetry, event_from_action
 from agent.services.telemetry_buffer import TelemetryBuffer
@@ -106,21 +108,18 @@ class Daemon:
         self._notifier: Notifier = notifier or _NoNotifier()
         self._topics = DeviceTopics(settings.mqtt.topic_prefix, settings.device_id)
         self._prefix = settings.mqtt.topic_prefix
-        self._events: queue.SimpleQueue[LinkEvent | str] = queue.SimpleQueue()
+        # Link events, "stop", and callables other threads hand to the main loop (a model change's outcome).
+        self._events: queue.SimpleQueue[LinkEvent | str | Callable[[], None]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._signals = 0
         self._started = time.time()
         self._started_mono = time.monotonic()
         self._ready_sent = False
-        self._model: LoadedModel | None = None
         self._hang = False
         self._state = "starting"
         self._interruptible = False  # True while start-up (plan, pull, load) runs on the main thread
         self._progress: PullProgress | None = None
         self._exit_code = 0
-        self.quant: str | None = None
-        self.model_key: str | None = None
-        self.model_estimate_bytes: int | None = None
         self._service: InferenceService | None = None
         self._link: FailoverLink | None = None
         self._fleet_subscribed = True
@@ -130,14 +129,15 @@ class Daemon:
         self._fleet: FleetService | None = None
         self._buffer: TelemetryBuffer | None = None
         self._limits: ThermalLimits | None = None
-        self._policy: PolicyState | None = None
+        self._adaptation: Adaptation | None = None
         self._snapshot: DeviceSnapshot | None = None
         self._cpu = CpuPercentSampler(settings.hardware.proc_root)
         self._overflowing = False
         self._offloaded = 0
         self._draining = False
-        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapt")
-        self.control = DaemonControl(self)
+        self.model = ModelOwner(settings.model, planner=planner_for(lambda: self.settings), conditions=self.conditions,
+                                emit=self.emit_event, on_switched=self._model_switched)
+        self.control = DaemonControl(self.model, self)
         self.fleet_infer = f"$share/{self._prefix}-workers/{self._prefix}/fleet/infer"
         self.cloud_infer = settings.cloud.shared_infer_topic(self._prefix) if settings.role == "cloud" else None
 
@@ -181,32 +181,23 @@ class Daemon:
         self._limits = board_limits(self._snapshot, settings.adapt)
         self._buffer = self._make_buffer()
         link = self._connect()
-        engine = self._load_model(link)
-        if engine is None:
+        model = self._load_model(link)
+        if model is None:
             return 0
-        service = self._start_serving(engine, link)
+        service = self._start_serving(model, link)
         try:
             self._main_loop(service)
         finally:
             self._shut_down(service, link)
         return self._exit_code
 
-    def _load_model(self, link: FailoverLink) -> LlamaEngine | None:
+    def _load_model(self, link: FailoverLink) -> LoadedModel | None:
         """Plan, pull and load; None when a signal stopped the start. A failure is told on the status topic."""
-        settings = self.settings
         self._interruptible = True
         try:
             model_path, n_ctx = self._resolve_model()
             self._set_state("loading", note=f"loading model {model_path.name}")
-            engine = LlamaEngine(
-                model_path,
-                n_ctx=n_ctx,
-                threads=settings.model.threads,
-                n_batch=settings.model.n_batch,
-                chat_template=settings.model.chat_template,
-                seed=settings.model.seed,
-            )
-            self._model = engine.load()
+            loaded = self.model.load_first(model_path, n_ctx)
             self._interruptible = False
         except _StartInterruptedError:
             log.info("agent_stopped", during="start", exit_code=0)
@@ -221,13 +212,15 @@ class Daemon:
             self._set_state("offline", note=detail)
             link.stop(final=(self._topics.status, self._status_payload("offline", detail=detail)))
             raise
-        return engine
+        return loaded
 
-    def _start_serving(self, engine: LlamaEngine, link: FailoverLink) -> InferenceService:
+    def _start_serving(self, model: LoadedModel, link: FailoverLink) -> InferenceService:
         settings = self.settings
-        assert self._model is not None
-        self._policy = PolicyState.initial(self._model.threads)
-        service = InferenceService(engine, link, settings.inference, settings.device_id, self._model.name)
+        self._adaptation = Adaptation(model.threads, self.model, catalog_name=self._cap_target,
+                                      report=self._report_adaptation, post=self._events.put)
+        service = InferenceService(self.model.engine, link, settings.inference,  # type: ignore[arg-type]
+                                   settings.device_id, model.name)
+        self.model.attach(service)
         service.served_by = "cloud" if settings.role == "cloud" else settings.device_id
         if self.cloud_infer:  # relayed by edge devices: one relay reply topic speaks for many callers
             service.unmetered_topics = frozenset({self.cloud_infer.split("/", 2)[2]})
@@ -267,9 +260,8 @@ class Daemon:
             self._fleet.close(5.0)
         if self._relay is not None:
             self._relay.stop(5.0)
-        self._background.shutdown(wait=False, cancel_futures=True)
         link.stop(final=(self._topics.status, self._status_payload("offline")))
-        service.engine.close()
+        self.model.close()
         log.info("agent_stopped", served=service.counters.served, failed=service.counters.failed,
                  exit_code=self._exit_code)
 
@@ -368,8 +360,8 @@ class Daemon:
                     bulkhead.run(event, service.cancel, service.refuse_cancel)
                 else:
                     bulkhead.run(event, self._fleet.handle, self._fleet.refuse)
-            elif isinstance(event, Connected | Disconnected):
-                self._on_link_event(event)
+            elif event is not None and not isinstance(event, str):
+                self._on_event(event)
             if now >= next_telemetry:
                 next_telemetry = now + self.settings.telemetry.interval_s
                 run_logged(self._tick, "telemetry_tick_failed")
@@ -407,7 +399,7 @@ class Daemon:
         link, service = self._link, self._service
         if link is None or service is None:
             return
-        want = not (self._draining or service.saturated or (self._policy is not None and self._policy.level.offload))
+        want = not (self._draining or service.saturated or (self._adaptation is not None and self._adaptation.offload))
         if want != self._fleet_subscribed:
             self._fleet_subscribed = want
             if want:
@@ -415,6 +407,12 @@ class Daemon:
             else:
                 link.unsubscribe([self.fleet_infer])
             log.info("fleet_share", subscribed=want)
+
+    def _on_event(self, event: LinkEvent | Callable[[], None]) -> None:
+        if isinstance(event, Connected | Disconnected):
+            self._on_link_event(event)
+        elif callable(event):
+            run_logged(event, "main_loop_call_failed")  # a model change's outcome, handed back by its thread
 
     def _on_link_event(self, event: Connected | Disconnected) -> None:
         infer = self._topics.infer
@@ -426,7 +424,8 @@ class Daemon:
             # Telemetry and events kept on disk while offline go out first, in order, original timestamps.
             self._buffer.drain(lambda t, p: link.publish(t, p, qos=1), time.time())
         if not self._ready_sent:
-            self._notifier.ready(f"serving {self._model.name if self._model else '?'} on {infer}")
+            info = self.model.info
+            self._notifier.ready(f"serving {info.name if info else '?'} on {infer}")
             self._ready_sent = True
         else:
             self._notifier.status(f"serving on {infer} (reconnected)")
@@ -437,17 +436,17 @@ class Daemon:
         """``[model] path`` as is; else the catalog entry ``[model] name``: probe → plan → pull (verified)."""
         model = self.settings.model
         if model.path is not None:
-            self.model_key = str(model.path)
+            self.model.chosen(str(model.path), None, None)
             return model.path, model.n_ctx
         if not model.name:
             raise ConfigError("set [model] path (a local GGUF file) or [model] name (a catalog entry)")
         self._set_state("starting", note=f"planning {model.name}")
-        plan = self.control.make_plan(model.name, model.quant)
+        plan = self.model.make_plan(model.name, model.quant)
         chosen = plan.decision.require()
         log.info("model_chosen", model=model.name, quant=chosen.quant, file=chosen.file,
                  estimate_bytes=chosen.estimate_bytes, budget_bytes=plan.decision.budget_bytes,
                  explain=plan.decision.explain())
-        self.control.last_plan = plan.as_dict()
+        self.model.last_plan = plan.as_dict()
         spec = f"{model.name}:{chosen.quant}"
         last = {"status": 0.0, "extend": 0.0, "started": time.monotonic(), "pulled": 0.0}
 
@@ -472,20 +471,18 @@ class Daemon:
                     extend(60.0)
 
         try:
-            local = self.control.planner().ensure_present(plan, progress=progress)
+            local = self.model.planner().ensure_present(plan, progress=progress)
         except AgentError as exc:
             self.emit_event("pull_failed", exc.code, {})
             raise
         if last["pulled"]:
             self.emit_event("pull_finished", "first_start", {
                 "bytes": local.size, "seconds": round(time.monotonic() - last["started"], 1)})
-        self.quant, self.model_key, self.model_estimate_bytes = chosen.quant, model.name, chosen.estimate_bytes
+        self.model.chosen(model.name, chosen.quant, chosen.estimate_bytes)
         return local.path, plan.n_ctx
 
-    def model_switched(self, key: str, quant: str | None, estimate: int | None) -> None:
-        service = self.service_or_raise()
-        self._model = service.engine.info
-        self.model_key, self.quant, self.model_estimate_bytes = key, quant, estimate
+    def _model_switched(self) -> None:
+        """The model owner swapped the engine (on its swap thread): the retained status says so."""
         self._publish_status("draining" if self._draining else "online")
 
     @property
@@ -493,7 +490,7 @@ class Daemon:
         """'offloading' also while queue overflow goes to the cloud, not only when the policy says so."""
         if self._overflowing:
             return "offloading"
-        return mode(self._policy) if self._policy else "local"
+        return self._adaptation.mode if self._adaptation else "local"
 
     def service_or_raise(self) -> InferenceService:
         if self._service is None:
@@ -518,50 +515,36 @@ class Daemon:
         snap = self._probe()
         self._snapshot = snap
         assert self._limits is not None
-        assert self._policy is not None
-        obs = observe(snap, self._limits, ts=time.monotonic(), model_estimate_bytes=self.model_estimate_bytes)
-        before = mode(self._policy)
+        assert self._adaptation is not None
+        obs = observe(snap, self._limits, ts=time.monotonic(), model_estimate_bytes=self.model.serving.estimate_bytes)
         adapt = self.settings.adapt
-        if self.settings.model.path is not None or not self.settings.model.name:
+        if self._cap_target() is None:
             # A fixed model file has no smaller quant: capping would only publish no-op downgrades and
             # then delay recovery by one hold per phantom rung.
             adapt = adapt.model_copy(update={"max_cap_steps": 0})
-        self._policy, actions = decide(self._policy, obs, adapt)
-        for action in actions:
-            self._apply(action)
-            event = event_from_action(action, device_id=self.settings.device_id, ts=time.time())
-            self._send(self._topics.events, event.model_dump_json().encode())
-            log.info("adaptation", kind=event.kind, reason=event.reason, **{k: v for k, v in event.numbers.items()})
-        if mode(self._policy) != before:
-            self._publish_status("draining" if self._draining else "online")
+        self._adaptation.step(obs, adapt)
         self._send(self._topics.telemetry, build_telemetry(snap, self._runtime()).model_dump_json().encode(),
                    retain=True)
 
-    def _apply(self, action: SetThreads | CapQuant | Offload) -> None:
-        service = self.service_or_raise()
-        if isinstance(action, SetThreads):
-            engine = service.engine
-            service.between_requests(lambda: engine.set_threads(action.threads))
-        elif isinstance(action, CapQuant):
-            name = self.settings.model.name
-            if self.settings.model.path is not None or not name:
-                log.info("quant_cap_ignored", reason="serving a fixed model.path", steps=action.steps)
-                return
-            self._background.submit(
-                run_logged,
-                lambda: self.control.switch_to_catalog(name, None, extra_cap_steps=action.steps),
-                "quant_swap_failed",
-            )
-        elif isinstance(action, Offload):
-            # Offload routing reads the policy state at each request; nothing else to do here.
-            pass
+    def _cap_target(self) -> str | None:
+        """The catalog model a quant cap re-plans; None when serving a fixed file."""
+        model = self.settings.model
+        return None if model.path is not None or not model.name else model.name
+
+    def _report_adaptation(self, action: Action, mode_changed: bool) -> None:
+        """An adaptation took effect (a swap or thread change only once the model owner said it is done)."""
+        event = event_from_action(action, device_id=self.settings.device_id, ts=time.time())
+        self._send(self._topics.events, event.model_dump_json().encode())
+        log.info("adaptation", kind=event.kind, reason=event.reason, **{k: v for k, v in event.numbers.items()})
+        if mode_changed:
+            self._publish_status("draining" if self._draining else "online")
 
     def _runtime(self) -> RuntimeView:
         service = self.service_or_raise()
         counts = self._bulkhead.counters if self._bulkhead is not None else BulkheadCounters()
         return RuntimeView(
-            model=self._model.name if self._model else None,
-            quant=self.quant,
+            model=self.model.info.name if self.model.info else None,
+            quant=self.model.serving.quant,
             threads=service.engine.info.threads if service.engine.info else None,
             queue_depth=service.queue_depth,
             tokens_per_second=service.counters.last_tokens_per_second or None,
@@ -618,7 +601,7 @@ class Daemon:
             expected_wait_ms=expected_wait_ms(waiting, service.busy, service.counters.avg_request_ms),
             deadline_ms=request.deadline_ms,
             flags=OffloadFlags(
-                policy_offload=bool(self._policy and self._policy.level.offload),
+                policy_offload=bool(self._adaptation and self._adaptation.offload),
                 model_available=True,
                 overflowing=self._overflowing,
             ),
@@ -688,11 +671,11 @@ class Daemon:
             "role": self.settings.role,
             "version": __version__,
             "model": info.name if info else None,
-            "model_key": self.model_key,
-            "quant": self.quant,
+            "model_key": self.model.serving.key,
+            "quant": self.model.serving.quant,
             "n_ctx": info.n_ctx if info else None,
             "threads": info.threads if info else None,
-            "estimate_bytes": self.model_estimate_bytes,
+            "estimate_bytes": self.model.serving.estimate_bytes,
             "mode": self.mode,
             "queue_depth": service.queue_depth,
             "busy": service.busy,
@@ -700,7 +683,7 @@ class Daemon:
             "requests_failed": service.counters.failed,
             "requests_offloaded": self._offloaded,
             "uptime_s": round(time.monotonic() - self._started_mono, 1),
-            "plan": self.control.last_plan,
+            "plan": self.model.last_plan,
         }
 
     # -- status ------------------------------------------------------------------------------------
@@ -734,7 +717,7 @@ class Daemon:
             link.publish(self._topics.status, self._status_payload(state), qos=1, retain=True)
 
     def _status_payload(self, state: str, *, detail: str | None = None) -> bytes:
-        model = self._model
+        model = self.model.info
         status = Status(
             state=state,  # type: ignore[arg-type]
             device_id=self.settings.device_id,
@@ -742,7 +725,7 @@ class Daemon:
             groups=list(self.settings.groups),
             version=__version__,
             model=model.name if model else None,
-            quant=self.quant,
+            quant=self.model.serving.quant,
             mode=self.mode,
             n_ctx=model.n_ctx if model else None,
             threads=model.threads if model else None,

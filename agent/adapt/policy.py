@@ -300,6 +300,30 @@ def _step_up(state: PolicyState, obs: Observation, cfg: AdaptSettings, numbers: 
     return None
 
 
+EngineChange = SetThreads | CapQuant
+
+
+def hold(state: PolicyState, action: EngineChange) -> PolicyState:
+    """The state :func:`decide` returned with ``action``, but the level still at what runs now.
+
+    A thread change or a quant swap takes effect later (between requests; a swap may pull and load
+    first) and may fail; until :func:`settle` says it is done, the level reports what is served.
+    """
+    if isinstance(action, SetThreads):
+        return replace(state, level=replace(state.level, threads=action.previous))
+    return replace(state, level=replace(state.level, cap_steps=action.previous))
+
+
+def settle(state: PolicyState, action: EngineChange, *, done: bool) -> PolicyState:
+    """The state once ``action`` finished: its level when it was done; unchanged when it failed or was
+    superseded (the next decision starts again from what is really served)."""
+    if not done:
+        return state
+    if isinstance(action, SetThreads):
+        return replace(state, level=replace(state.level, threads=action.threads))
+    return replace(state, level=replace(state.level, cap_steps=action.steps))
+
+
 def mode(state: PolicyState) -> Mode:
     """'offloading' when requests go to the cloud, 'degraded' below full threads/quant, else 'local'."""
     if state.level.offload:

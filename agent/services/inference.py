@@ -145,18 +145,11 @@ class InferenceService:
         return future
 
     def replace_engine(self, new_engine: LlamaEngine, model_name: str) -> None:
-        """Worker thread only (inside a between_requests action): point at a new engine."""
+        """Worker thread only (inside a between_requests action): point at a new engine.
+
+        The model owner (agent.services.model) is the only caller: it builds, loads and closes engines.
+        """
         self._engine, self._model_name = new_engine, model_name
-
-    def swap_engine(self, new_engine: LlamaEngine, model_name: str) -> Future[Any]:
-        """Switch to an already loaded engine between requests and close the old one."""
-
-        def switch() -> str:
-            old, self._engine, self._model_name = self._engine, new_engine, model_name
-            old.close()
-            return model_name
-
-        return self.between_requests(switch)
 
     @property
     def saturated(self) -> bool:

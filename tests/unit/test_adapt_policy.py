@@ -18,7 +18,9 @@ from agent.adapt.policy import (
     SetThreads,
     assess,
     decide,
+    hold,
     mode,
+    settle,
 )
 from agent.adapt.settings import AdaptSettings
 
@@ -365,3 +367,36 @@ def test_settings_reject_a_recover_band_narrower_than_the_margin() -> None:
     """thermal_recover_c <= thermal_margin_c would let the policy flap, so the config is refused."""
     with pytest.raises(ValueError, match="thermal_recover_c"):
         AdaptSettings(thermal_margin_c=5.0, thermal_recover_c=5.0)
+
+
+# -- engine changes count once done -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("action", "held", "done"),
+    [
+        (SetThreads(2, 4, "soc_near_soft_limit"), Level(threads=4), Level(threads=2)),
+        (SetThreads(4, 2, "recovered"), Level(threads=2), Level(threads=4)),
+        (CapQuant(1, 0, "memory_budget"), Level(threads=4), Level(threads=4, cap_steps=1)),
+        (CapQuant(0, 1, "recovered"), Level(threads=4, cap_steps=1), Level(threads=4)),
+    ],
+)
+def test_an_engine_change_counts_only_once_done(action: SetThreads | CapQuant, held: Level, done: Level) -> None:
+    """hold() keeps the level at what runs while the change is in flight; settle() advances it only when done."""
+    decided = replace(PolicyState.initial(4), level=done, last_change_ts=7.0)
+    waiting = hold(decided, action)
+    assert waiting.level == held
+    assert waiting.last_change_ts == 7.0  # the dwell still starts at the decision
+    assert settle(waiting, action, done=True).level == done
+    assert settle(waiting, action, done=False) == waiting
+
+
+def test_a_failed_cap_is_asked_again_from_the_real_level() -> None:
+    """After a cap that failed, the next step down after the dwell asks for the same rung again."""
+    state, actions = decide(PolicyState.initial(1), obs(t=78.0), CFG)
+    (cap,) = actions
+    assert isinstance(cap, CapQuant)
+    state = settle(hold(state, cap), cap, done=False)
+    assert mode(state) == "local"
+    _, again = decide(state, obs(ts=CFG.down_dwell_s, t=78.0), CFG)
+    assert again == [CapQuant(1, 0, again[0].reason, again[0].numbers)]  # type: ignore[union-attr]
