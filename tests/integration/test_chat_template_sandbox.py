@@ -44,6 +44,16 @@ def hostile_templates(marker: Path, secret: Path) -> dict[str, str]:
     }
 
 
+def render(engine: LlamaEngine, messages: list[dict[str, str]]) -> tuple[str, bool]:
+    """What the template produced, or the error the caller would get (and True): text to search."""
+    try:
+        tokens = engine.tokenize_chat(messages)
+    except BadRequestError as exc:
+        assert "chat template" in str(exc)  # noqa: PT017 - the message, not whether it raised, is the point
+        return str(exc), True
+    return engine._llm.detokenize(tokens).decode(errors="replace"), False  # type: ignore[attr-defined]
+
+
 @pytest.fixture
 def secret(tmp_path: Path) -> Path:
     path = tmp_path / "secret.txt"
@@ -64,16 +74,11 @@ def test_a_hostile_template_in_the_gguf_can_neither_run_code_nor_read_files(
     engine.load()
     messages = [dict(m) for m in MESSAGES]
     try:
-        rendered = engine.tokenize_chat(messages)
-    except BadRequestError as exc:
-        assert "chat template" in str(exc)
-        assert "TOP-SECRET" not in str(exc)
-    else:
-        text = engine._llm.detokenize(rendered).decode(errors="replace")  # type: ignore[attr-defined]
-        assert "TOP-SECRET" not in text
-        assert "__globals__" not in text and "<module" not in text
+        text, refused = render(engine, messages)
     finally:
         engine.close()
+    assert "TOP-SECRET" not in text
+    assert refused or ("<module" not in text and "<function" not in text), text  # no internals rendered
     assert not marker.exists()
     assert messages == MESSAGES
 
