@@ -240,6 +240,8 @@ class ModelOwner:
             self._emit("pull_failed", type(exc).__name__, {})
             raise
         self._emit("pull_finished", "set_model", {"bytes": local.size})
+        if self._closed:
+            raise CancelledError("the device is shutting down")  # do not load a model nobody will serve
         # Side by side only when the new model fits beside the old one now: a pull can take minutes,
         # so the budget comes from a fresh probe, which already counts the loaded model as used.
         beside = self._budget_now()
