@@ -30,7 +30,7 @@ from agent.config.mqtt import MqttSettings
 from agent.config.telemetry import TelemetrySettings
 from agent.errors import ConfigError, PermissionDeniedError
 from agent.permissions import denied, is_denied
-from agent.settings_base import Section, validate_topic_level
+from agent.settings_base import RESERVED_DEVICE_IDS, Section, validate_topic_level
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
 ENV_PREFIX = "EDGE_AGENT_"
@@ -194,7 +194,7 @@ class Settings(Section):
     @classmethod
     def _device_id_is_topic_level(cls, value: str) -> str:
         validate_topic_level(value, "device_id")
-        if value in ("group", "fleet", "cloud"):
+        if value in RESERVED_DEVICE_IDS:
             raise ValueError(f"device_id {value!r} is reserved for fleet-wide topics")
         return value
 

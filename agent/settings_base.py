@@ -24,6 +24,9 @@ and what MQTT says senders should not use and Mosquitto refuses as a malformed p
 characters U+0001-U+001F and U+007F-U+009F and the noncharacters. A publish to such a topic gets the
 client disconnected, and a QoS 1 session resends it after every reconnect."""
 
+RESERVED_DEVICE_IDS = frozenset({"group", "fleet", "cloud"})
+"""Device ids that would make a device's topics collide with the group, fleet-wide and cloud ones."""
+
 
 def validate_topic_level(value: str, what: str = "value") -> str:
     """Reject anything that is not exactly one concrete MQTT topic level.

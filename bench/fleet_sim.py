@@ -2,7 +2,7 @@
 
 Each simulated device is real on the wire: its own MQTT client id and connection, a retained status
 with a will, retained telemetry, subscriptions to its device, group and fleet command topics, and a
-:class:`agent.fleet.commands.FleetService` (idempotency store included) behind a fake DeviceControl;
+:class:`agent.fleet.service.FleetService` (idempotency store included) behind a fake DeviceControl;
 no model. Devices are spread over a few worker processes (one paho network thread per device) so
 one Python interpreter's GIL does not become the thing measured. The operator side is the same
 :class:`agent.commands.fleet.Operator` that ``edge-agent fleet cmd`` uses.

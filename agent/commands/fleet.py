@@ -21,10 +21,11 @@ from typing import Any
 from agent.commands.config_cmd import add_config_argument
 from agent.config.fleet import FleetSettings
 from agent.errors import AgentError, BadRequestError, DeadlineExceededError, TransportError
-from agent.fleet.commands import Scope, build_command, command_topic, parse_target, result_topic
 from agent.fleet.signing import load_private_key, write_keypair
+from agent.fleet.wire import build_command
 from agent.settings import Settings, load_settings
 from agent.transport.mqtt import Incoming, LinkEvent, MqttLink
+from agent.transport.topics import Scope, command_topic, parse_target, result_topic
 
 LIVE_STATES = ("online", "draining")
 

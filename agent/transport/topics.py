@@ -6,8 +6,10 @@ Keeping every topic string in one place means the wire contract (docs/protocol.m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from agent.settings_base import NOT_IN_TOPIC_NAME, validate_topic_level
+from agent.errors import ConfigError
+from agent.settings_base import NOT_IN_TOPIC_NAME, RESERVED_DEVICE_IDS, validate_topic_level
 
 
 def is_concrete_topic(topic: str) -> bool:
@@ -53,3 +55,107 @@ class DeviceTopics:
     def default_reply(self, client_id: str) -> str:
         """Where ``edge-agent ask`` listens for its answers."""
         return f"{self.base}/reply/{client_id}"
+
+
+# -- fleet commands --------------------------------------------------------------------------------
+
+RESULT_LEVEL = "result"
+"""The last level of ``{prefix}/{device_id}/cmd/result``: never a command name."""
+
+Scope = Literal["device", "group", "all"]
+
+
+@dataclass(frozen=True, slots=True)
+class CommandTarget:
+    """Who a command was addressed to, and which command."""
+
+    scope: Scope
+    name: str
+    group: str | None = None
+    device: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The form a signed payload's ``target`` field must carry: 'all', 'group:NAME', 'device:ID'."""
+        if self.scope == "all":
+            return "all"
+        return f"group:{self.group}" if self.scope == "group" else f"device:{self.device}"
+
+
+def parse_target(spec: str) -> tuple[Scope, str | None]:
+    """Operator notation → (scope, value): 'all', 'group:NAME', 'device:ID' or a bare device id."""
+    if spec == "all":
+        return "all", None
+    kind, sep, value = spec.partition(":")
+    if sep and kind in ("group", "device"):
+        validate_topic_level(value, f"{kind} name")
+        return ("group" if kind == "group" else "device"), value
+    validate_topic_level(spec, "device id")
+    return "device", spec
+
+
+def target_label(scope: Scope, value: str | None) -> str:
+    return CommandTarget(scope, "", group=value if scope == "group" else None,
+                         device=value if scope == "device" else None).label
+
+
+def command_topic(prefix: str, scope: Scope, value: str | None, name: str) -> str:
+    """The topic an operator publishes command ``name`` to."""
+    validate_topic_level(name, "command name")
+    if scope == "all":
+        return f"{prefix}/fleet/cmd/{name}"
+    if scope == "group":
+        return f"{prefix}/group/{value}/cmd/{name}"
+    return f"{prefix}/{value}/cmd/{name}"
+
+
+def result_topic(prefix: str, device_id: str) -> str:
+    return f"{prefix}/{device_id}/cmd/{RESULT_LEVEL}"
+
+
+@dataclass(frozen=True, slots=True)
+class FleetTopics:
+    """The command topics one device listens to, and the pure matching of an arrived topic."""
+
+    prefix: str
+    device_id: str
+    groups: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        validate_topic_level(self.device_id, "device_id")
+        if self.device_id in RESERVED_DEVICE_IDS:
+            raise ConfigError(f"device_id {self.device_id!r} collides with fleet topics; choose another name")
+        for group in self.groups:
+            try:
+                validate_topic_level(group, "group name")
+            except ValueError as exc:
+                raise ConfigError(f"groups: {exc}") from exc
+
+    @property
+    def result(self) -> str:
+        return result_topic(self.prefix, self.device_id)
+
+    def filters(self) -> list[str]:
+        return [
+            f"{self.prefix}/{self.device_id}/cmd/+",
+            *(f"{self.prefix}/group/{g}/cmd/+" for g in self.groups),
+            f"{self.prefix}/fleet/cmd/+",
+        ]
+
+    def match(self, topic: str) -> CommandTarget | None:
+        """The target if ``topic`` is a command for this device, else None (including our own results)."""
+        head = f"{self.prefix}/"
+        if not topic.startswith(head):
+            return None
+        levels = topic[len(head):].split("/")
+        if len(levels) == 3 and levels[0] == self.device_id and levels[1] == "cmd":
+            target = CommandTarget("device", levels[2], device=self.device_id)
+        elif len(levels) == 4 and levels[0] == "group" and levels[1] in self.groups and levels[2] == "cmd":
+            target = CommandTarget("group", levels[3], group=levels[1])
+        elif len(levels) == 3 and levels[0] == "fleet" and levels[1] == "cmd":
+            target = CommandTarget("all", levels[2])
+        else:
+            return None
+        if not target.name or target.name == RESULT_LEVEL:
+            return None
+        return target

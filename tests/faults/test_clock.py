@@ -28,8 +28,9 @@ from typing import Any
 
 import pytest
 
-from agent.fleet.commands import build_command, command_topic
 from agent.fleet.signing import load_private_key, write_keypair
+from agent.fleet.wire import build_command
+from agent.transport.topics import command_topic
 from tests.support.broker import Broker
 from tests.support.daemon import Client, DaemonProcess, write_config
 

@@ -21,9 +21,10 @@ import pytest
 from huggingface_hub import try_to_load_from_cache
 
 from agent.catalog.hub import PARTIAL_SUFFIX, HubStore
-from agent.fleet.commands import build_command, command_topic
 from agent.fleet.signing import load_private_key, write_keypair
+from agent.fleet.wire import build_command
 from agent.services.telemetry_buffer import BUFFER_FILE, TelemetryBuffer
+from agent.transport.topics import command_topic
 from tests.support.broker import Broker
 from tests.support.daemon import REPO, Client, DaemonProcess, write_config
 from tests.support.fake_hub import FakeHub

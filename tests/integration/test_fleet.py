@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from agent.commands.fleet import Operator
-from agent.fleet.commands import build_command, parse_target
 from agent.fleet.signing import load_private_key, write_keypair
+from agent.fleet.wire import build_command
+from agent.transport.topics import parse_target
 from tests.support.broker import Broker
 from tests.support.daemon import Client
 from tests.support.fleet import SimDevice, make_settings, release_paho_sockets, run_fleet_cli, write_operator_config

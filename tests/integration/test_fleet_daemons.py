@@ -22,9 +22,10 @@ from typing import Any
 import pytest
 
 from agent.commands.fleet import CommandRun, Operator
-from agent.fleet.commands import build_command, parse_target
 from agent.fleet.signing import load_private_key
+from agent.fleet.wire import build_command
 from agent.settings import OVERRIDES_FILE_NAME
+from agent.transport.topics import parse_target
 from tests.support.broker import Broker
 from tests.support.daemon import Client, DaemonProcess, write_config
 from tests.support.fake_hub import FakeHub

@@ -19,8 +19,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.fleet.commands import FleetService, build_command
+from agent.fleet.service import FleetService
 from agent.fleet.signing import load_private_key, write_keypair
+from agent.fleet.wire import build_command
 from agent.services.bulkhead import Bulkhead
 from agent.transport.mqtt import Incoming
 from agent.transport.topics import is_concrete_topic

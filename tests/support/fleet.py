@@ -18,7 +18,7 @@ from pydantic import Field
 
 from agent.config.fleet import FleetSettings
 from agent.errors import ModelUnavailableError
-from agent.fleet.commands import FleetService
+from agent.fleet.service import FleetService
 from agent.settings import Settings
 from agent.transport.mqtt import Incoming, LinkEvent, MqttLink
 from tests.support.daemon import REPO

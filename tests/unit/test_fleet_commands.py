@@ -16,19 +16,14 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.errors import ConfigError
-from agent.fleet import commands
-from agent.fleet.commands import (
-    FleetService,
-    FleetTopics,
-    JsonLru,
-    NonceCache,
-    build_command,
-    command_topic,
-    parse_target,
-)
+from agent.fleet import store
+from agent.fleet.service import FleetService
 from agent.fleet.signing import load_private_key, sign_payload, write_keypair
+from agent.fleet.store import JsonLru, NonceCache
+from agent.fleet.wire import build_command
 from agent.settings import OVERRIDES_FILE_NAME, load_config
 from agent.transport.mqtt import Incoming
+from agent.transport.topics import FleetTopics, command_topic, parse_target
 from tests.support.fleet import FakeControl, make_settings
 
 NOW = 1_700_000_000.0
@@ -584,7 +579,7 @@ def test_store_appends_after_a_torn_last_line_without_losing_the_new_entry(tmp_p
 
 
 class DiskFull:
-    """Stands in for ``os`` in agent.fleet.commands: after ``room`` more bytes, writes fail with ENOSPC."""
+    """Stands in for ``os`` in agent.fleet.store: after ``room`` more bytes, writes fail with ENOSPC."""
 
     def __init__(self, room: int = 0) -> None:
         self.room = room
@@ -604,7 +599,7 @@ class DiskFull:
 def disk(monkeypatch: pytest.MonkeyPatch) -> DiskFull:
     """The fleet journals' disk, with plenty of room until a test sets ``room``."""
     fake = DiskFull(room=1 << 30)
-    monkeypatch.setattr(commands, "os", fake)
+    monkeypatch.setattr(store, "os", fake)
     return fake
 
 

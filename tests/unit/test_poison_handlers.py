@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 from agent.config.cloud import CloudSettings
 from agent.config.mqtt import MqttSettings
 from agent.errors import BadRequestError
-from agent.fleet.commands import FleetService
+from agent.fleet.service import FleetService
 from agent.services.offload import CloudRelay, RelayOutcome
 from agent.transport.mqtt import Incoming, MqttLink
 from tests.support.fleet import FakeControl, make_settings
