@@ -29,7 +29,7 @@ from agent.adapt.settings import ThermalLimits, board_limits
 from agent.control import DaemonControl, run_logged
 from agent.engine.llama import LoadedModel
 from agent.errors import AgentError, ConfigError
-from agent.fleet.commands import FleetService
+from agent.fleet.service import FleetService
 from agent.hardware.probe import CpuPercentSampler, probe_device
 from agent.hardware.snapshot import DeviceSnapshot
 from agent.logs import configure_logging
