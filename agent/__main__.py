@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agent import __version__
-from agent.commands import COMMAND_MODULES
+from agent.cli import COMMAND_MODULES
 from agent.errors import AgentError, BadRequestError, ConfigError, ModelUnavailableError, PermissionDeniedError
 from agent.logs import configure_logging, under_journald
 from agent.permissions import denied, is_denied

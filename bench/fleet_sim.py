@@ -5,7 +5,7 @@ with a will, retained telemetry, subscriptions to its device, group and fleet co
 :class:`agent.fleet.service.FleetService` (idempotency store included) behind a fake DeviceControl;
 no model. Devices are spread over a few worker processes (one paho network thread per device) so
 one Python interpreter's GIL does not become the thing measured. The operator side is the same
-:class:`agent.commands.fleet.Operator` that ``edge-agent fleet cmd`` uses.
+:class:`agent.cli.fleet.Operator` that ``edge-agent fleet cmd`` uses.
 
     python bench/fleet_sim.py --devices 100 1000 --rounds 5
 
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from agent.commands.fleet import Operator  # noqa: E402 - needs the repo on sys.path when run as a script
+from agent.cli.fleet import Operator  # noqa: E402 - needs the repo on sys.path when run as a script
 from agent.logs import configure_logging  # noqa: E402
 from tests.support.broker import free_port, wait_port  # noqa: E402
 from tests.support.fleet import SimDevice, make_settings  # noqa: E402

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.commands.fleet import Operator
+from agent.cli.fleet import Operator
 from agent.fleet.signing import load_private_key, write_keypair
 from agent.fleet.wire import build_command
 from agent.transport.topics import parse_target

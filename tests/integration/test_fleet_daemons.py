@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from agent.commands.fleet import CommandRun, Operator
+from agent.cli.fleet import CommandRun, Operator
 from agent.fleet.signing import load_private_key
 from agent.fleet.wire import build_command
 from agent.settings import OVERRIDES_FILE_NAME

@@ -180,7 +180,7 @@ def release_paho_sockets(link: MqttLink) -> None:
     link._client._reset_sockets(sockpair_only=True)
 
 
-# The fleet CLI as a subprocess, registered even before agent.commands lists it (tests only).
+# The fleet CLI as a subprocess, registered even before agent.cli lists it (tests only).
 def run_fleet_cli(*args: str, config: Path, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """Run ``edge-agent fleet ARGS --config CONFIG`` in a fresh interpreter and capture its output."""
     return subprocess.run(

@@ -132,7 +132,7 @@ def test_an_unexpected_error_is_1_with_its_traceback(
     def broken(*args: object) -> object:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("agent.commands.probe.probe_device", broken)
+    monkeypatch.setattr("agent.cli.probe.probe_device", broken)
     assert main(["probe", "--config", str(config_file(tmp_path))]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err
@@ -275,8 +275,8 @@ def test_reset_overrides_removes_a_corrupt_layer(tmp_path: Path, capsys: pytest.
 def test_status_summary_shows_state_model_mode_queue_and_uptime() -> None:
     """The human summary of a retained status + telemetry: uptime counts on from the last reading; the
     fleet command policy is spelled out."""
-    from agent.commands.fleet import DeviceView
-    from agent.commands.status import _extra, render_status
+    from agent.cli.fleet import DeviceView
+    from agent.cli.status import _extra, render_status
 
     now = 1_700_000_100.0
     view = DeviceView(

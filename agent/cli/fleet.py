@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.commands.config_cmd import add_config_argument
+from agent.cli.config_cmd import add_config_argument
 from agent.config.fleet import FleetSettings
 from agent.errors import AgentError, BadRequestError, DeadlineExceededError, TransportError
 from agent.fleet.signing import load_private_key, write_keypair

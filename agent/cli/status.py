@@ -1,7 +1,7 @@
 """``edge-agent status``: this device's retained status (and latest telemetry) as the broker holds them.
 
 It asks the broker, not the process: what an operator on the device sees is what the fleet sees.
-The MQTT side is the fleet operator's connection (:class:`agent.commands.fleet.Operator`) subscribed
+The MQTT side is the fleet operator's connection (:class:`agent.cli.fleet.Operator`) subscribed
 to this device's two retained topics.
 """
 
@@ -12,8 +12,8 @@ import json
 import time
 from typing import Any
 
-from agent.commands.config_cmd import add_config_argument
-from agent.commands.fleet import LIVE_STATES, DeviceView, Operator, fleet_settings
+from agent.cli.config_cmd import add_config_argument
+from agent.cli.fleet import LIVE_STATES, DeviceView, Operator, fleet_settings
 from agent.errors import AgentError
 from agent.settings import load_settings
 from agent.transport.topics import DeviceTopics

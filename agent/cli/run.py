@@ -8,7 +8,7 @@ from typing import Any
 
 import structlog
 
-from agent.commands.config_cmd import add_config_argument
+from agent.cli.config_cmd import add_config_argument
 from agent.logs import configure_logging
 from agent.sdnotify import Notifier
 from agent.settings import load_config

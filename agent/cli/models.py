@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from agent.commands.config_cmd import add_config_argument
+from agent.cli.config_cmd import add_config_argument
 from agent.errors import ConfigError
 from agent.settings import Settings, load_settings
 

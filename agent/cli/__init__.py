@@ -2,13 +2,13 @@
 
 A command's handler takes the parsed ``argparse.Namespace`` and returns an exit code; it raises
 :class:`agent.errors.AgentError` for failures the operator should read. Only ``agent.__main__`` exits.
-To add a command: write ``agent/commands/<name>.py`` and list it below.
+To add a command: write ``agent/cli/<name>.py`` and list it below.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from agent.commands import ask, config_cmd, fleet, models, probe, run, status
+from agent.cli import ask, config_cmd, fleet, models, probe, run, status
 
 COMMAND_MODULES: tuple[ModuleType, ...] = (ask, config_cmd, fleet, models, probe, run, status)

@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any
 
-from agent.commands.config_cmd import add_config_argument
+from agent.cli.config_cmd import add_config_argument
 from agent.errors import AgentError, DeadlineExceededError, TransportError
 from agent.settings import load_settings
 from agent.transport.mqtt import Incoming, LinkEvent, MqttLink

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from agent.commands.config_cmd import add_config_argument
+from agent.cli.config_cmd import add_config_argument
 from agent.hardware.probe import probe_device
 from agent.hardware.render import render_table
 from agent.settings import load_settings
