@@ -10,7 +10,12 @@ import json
 import sys
 from pathlib import Path
 
-from agent.transport.wire import SCHEMA_MODELS
+from pydantic import BaseModel
+
+from agent.transport import telemetry, wire
+
+SCHEMA_MODELS: dict[str, type[BaseModel]] = {**wire.SCHEMA_MODELS, **telemetry.SCHEMA_MODELS}
+"""Every wire model whose schema is published: requests, replies and status, then telemetry and events."""
 
 
 def render_schemas() -> dict[str, str]:

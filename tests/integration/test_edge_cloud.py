@@ -26,7 +26,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.services.telemetry import Telemetry
+from agent.transport.telemetry import Telemetry
 from tests.support.broker import Broker
 from tests.support.daemon import DaemonProcess, write_config
 from tests.support.hardware import FIXTURES

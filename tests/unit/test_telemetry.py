@@ -10,14 +10,8 @@ import pytest
 from agent.adapt.policy import CapQuant, Offload, SetThreads
 from agent.config.telemetry import TelemetrySettings
 from agent.hardware.snapshot import ThrottleState
-from agent.services.telemetry import (
-    Event,
-    LimitCounts,
-    RuntimeView,
-    Telemetry,
-    build_telemetry,
-    event_from_action,
-)
+from agent.services.telemetry import RuntimeView, build_telemetry, event_from_action
+from agent.transport.telemetry import Event, LimitCounts, Telemetry
 from tests.support.hardware import probe_case
 
 ISSUE_FIELDS = {

@@ -73,7 +73,11 @@ def test_hot_path_payloads_match_the_schema_shapes() -> None:
 
 
 def test_committed_json_schemas_are_current() -> None:
-    """docs/schemas/ matches the pydantic models (regenerate: python -m agent.transport.schemas)."""
-    for name, text in render_schemas().items():
+    """docs/schemas/ holds exactly the schemas of the wire models, telemetry and events included, and they are
+    current (regenerate: python -m agent.transport.schemas)."""
+    rendered = render_schemas()
+    assert {"telemetry.json", "event.json", "infer-request.json", "status.json"} <= set(rendered)
+    assert {p.name for p in (REPO / "docs" / "schemas").glob("*.json")} == set(rendered)
+    for name, text in rendered.items():
         path = REPO / "docs" / "schemas" / name
         assert path.read_text() == text, f"{path} is stale"
