@@ -40,11 +40,11 @@ from agent.services.inference import InferenceService, ReplyAddress
 from agent.services.model import ModelOwner, planner_for
 from agent.services.offload import CloudRelay, OffloadFlags, expected_wait_ms, should_offload
 from agent.services.telemetry import RuntimeView, build_telemetry, event_from_action
-from agent.transport.telemetry import Event, LimitCounts, Mode
 from agent.services.telemetry_buffer import TelemetryBuffer
 from agent.settings import Settings, fleet_overrides_path
 from agent.transport.failover import FailoverLink
 from agent.transport.mqtt import Connected, Disconnected, Incoming, LinkEvent, MqttLink
+from agent.transport.telemetry import Event, LimitCounts, Mode
 from agent.transport.topics import DeviceTopics
 from agent.transport.wire import InferRequest, PullProgress, Status
 
