@@ -25,7 +25,14 @@ from agent.fleet.signing import load_private_key, write_keypair
 from agent.fleet.wire import build_command
 from agent.settings import Settings, load_settings
 from agent.transport.mqtt import Incoming, LinkEvent, MqttLink
-from agent.transport.topics import Scope, command_topic, parse_target, result_topic
+from agent.transport.topics import (
+    FleetWideTopics,
+    Scope,
+    command_topic,
+    is_result_topic,
+    parse_target,
+    result_topic,
+)
 
 LIVE_STATES = ("online", "draining")
 
@@ -126,6 +133,7 @@ class Operator:
     def __init__(self, settings: Settings, *, client_id: str | None = None) -> None:
         self.settings = settings
         self.prefix = settings.mqtt.topic_prefix
+        self.topics = FleetWideTopics(self.prefix)
         self.client_id = client_id or f"edge-fleet-{uuid.uuid4().hex[:12]}"
         self.events: queue.SimpleQueue[LinkEvent] = queue.SimpleQueue()
         self.link = MqttLink(settings.mqtt, self.client_id, self.events.put)
@@ -145,11 +153,11 @@ class Operator:
 
     @property
     def status_filter(self) -> str:
-        return f"{self.prefix}/+/status"
+        return self.topics.all_status
 
     @property
     def telemetry_filter(self) -> str:
-        return f"{self.prefix}/+/telemetry"
+        return self.topics.all_telemetry
 
     def next_message(self, timeout: float) -> Incoming | None:
         """The next PUBLISH (status/telemetry are folded into :attr:`devices` on the way), or None."""
@@ -224,7 +232,7 @@ class Operator:
             if run.expected and run.expected <= set(run.results):
                 break
             message = self.next_message(deadline - time.monotonic())
-            if message is None or not message.topic.endswith("/cmd/result"):
+            if message is None or not is_result_topic(message.topic):
                 continue
             try:
                 body = json.loads(message.payload)
@@ -239,7 +247,7 @@ class Operator:
         return run
 
     def result_filter(self, scope: Scope, value: str | None) -> str:
-        return result_topic(self.prefix, value) if scope == "device" and value else f"{self.prefix}/+/cmd/result"
+        return result_topic(self.prefix, value) if scope == "device" and value else self.topics.all_results
 
 
 # -- argparse --------------------------------------------------------------------------------------
@@ -478,7 +486,7 @@ def render_run(run: CommandRun) -> str:
 def _ask(args: argparse.Namespace) -> int:
     settings = _settings(args)
     op = Operator(settings)
-    reply = f"{op.prefix}/fleet/reply/{op.client_id}"
+    reply = op.topics.reply(op.client_id)
     op.start([reply])
     request_id = uuid.uuid4().hex
     body: dict[str, Any] = {"id": request_id, "messages": [{"role": "user", "content": args.question}],
@@ -489,7 +497,7 @@ def _ask(args: argparse.Namespace) -> int:
     try:
         # A message expiry as long as we wait: a device that is down with our request queued in its
         # session answers 'timeout' when it returns instead of working on a question nobody awaits.
-        op.link.publish(f"{op.prefix}/fleet/infer", json.dumps(body).encode(), qos=1,
+        op.link.publish(op.topics.infer, json.dumps(body).encode(), qos=1,
                         response_topic=reply if v5 else None, correlation_data=request_id.encode() if v5 else None,
                         message_expiry_s=max(1, int(args.timeout)) if v5 else None)
         deadline = time.monotonic() + args.timeout

@@ -159,3 +159,44 @@ class FleetTopics:
         if not target.name or target.name == RESULT_LEVEL:
             return None
         return target
+
+
+@dataclass(frozen=True, slots=True)
+class FleetWideTopics:
+    """Topics shared by every device under one prefix: the fleet's infer topic and the operator's filters."""
+
+    prefix: str
+
+    @property
+    def infer(self) -> str:
+        """Requests any one device of the fleet may answer."""
+        return f"{self.prefix}/fleet/infer"
+
+    @property
+    def shared_infer(self) -> str:
+        """The shared subscription devices take on :attr:`infer`, so exactly one of them answers."""
+        return f"$share/{self.prefix}-workers/{self.infer}"
+
+    def reply(self, client_id: str) -> str:
+        """Where ``edge-agent fleet ask`` listens for its answer."""
+        return f"{self.prefix}/fleet/reply/{client_id}"
+
+    @property
+    def all_status(self) -> str:
+        """Every device's retained status."""
+        return f"{self.prefix}/+/status"
+
+    @property
+    def all_telemetry(self) -> str:
+        """Every device's telemetry."""
+        return f"{self.prefix}/+/telemetry"
+
+    @property
+    def all_results(self) -> str:
+        """Every device's fleet command results."""
+        return f"{self.prefix}/+/cmd/{RESULT_LEVEL}"
+
+
+def is_result_topic(topic: str) -> bool:
+    """True for a device's fleet command result topic (``.../cmd/result``)."""
+    return topic.endswith(f"/cmd/{RESULT_LEVEL}")

@@ -23,7 +23,7 @@ from agent.fleet.store import JsonLru, NonceCache
 from agent.fleet.wire import build_command
 from agent.settings import OVERRIDES_FILE_NAME, load_config
 from agent.transport.mqtt import Incoming
-from agent.transport.topics import FleetTopics, command_topic, parse_target
+from agent.transport.topics import FleetTopics, FleetWideTopics, command_topic, is_result_topic, parse_target
 from tests.support.fleet import FakeControl, make_settings
 
 NOW = 1_700_000_000.0
@@ -116,9 +116,9 @@ def test_subscriptions_cover_device_groups_and_fleet() -> None:
     assert topics.filters() == ["edge/dev1/cmd/+", "edge/group/blue/cmd/+", "edge/fleet/cmd/+"]
 
 
-@pytest.mark.parametrize("device_id", ["group", "fleet"])
+@pytest.mark.parametrize("device_id", ["group", "fleet", "cloud"])
 def test_device_ids_that_collide_with_fleet_topics_are_refused(device_id: str) -> None:
-    """A device named 'group' or 'fleet' would receive other scopes' commands, so it is a config error."""
+    """A device named 'group', 'fleet' or 'cloud' would share other scopes' topics, so it is a config error."""
     with pytest.raises(ConfigError, match="collides"):
         FleetTopics("edge", device_id)
 
@@ -128,6 +128,16 @@ def test_device_ids_that_collide_with_fleet_topics_are_refused(device_id: str) -
 def test_operator_targets_map_to_topics(spec: str, topic: str) -> None:
     """'all', 'group:NAME', a bare id and 'device:ID' address the matching topic."""
     assert command_topic("edge", *parse_target(spec), "ping") == topic
+
+
+def test_fleet_wide_topics_are_the_documented_strings() -> None:
+    """The fleet infer topic, its shared subscription, the ask reply topic and the operator's filters."""
+    topics = FleetWideTopics("edge")
+    assert (topics.infer, topics.shared_infer, topics.reply("op1")) == (
+        "edge/fleet/infer", "$share/edge-workers/edge/fleet/infer", "edge/fleet/reply/op1")
+    assert (topics.all_status, topics.all_telemetry, topics.all_results) == (
+        "edge/+/status", "edge/+/telemetry", "edge/+/cmd/result")
+    assert is_result_topic("edge/dev1/cmd/result") and not is_result_topic("edge/dev1/cmd/ping")
 
 
 # -- execution and results --------------------------------------------------------------------------
