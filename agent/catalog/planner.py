@@ -11,7 +11,6 @@ from __future__ import annotations
 import platform
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import structlog
 
@@ -241,11 +240,6 @@ class Planner:
         """Pull (or find in the cache) the chosen file, sha256-verified."""
         option = plan.chosen
         return self._hub.pull(plan.entry.repo, option.file, plan.entry.revision, progress=progress)
-
-    def local_path(self, name: str, quant: str) -> Path | None:
-        entry = self.entry(name)
-        files = entry.quant_files() if entry.files else {}
-        return self._hub.local(entry.repo, files[quant], entry.revision) if quant in files else None
 
 
 _SIZE_UNITS = {

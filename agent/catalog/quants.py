@@ -85,7 +85,6 @@ def _with_dynamic_variants(base: tuple[Quant, ...]) -> tuple[Quant, ...]:
 #: Every known quant, best quality first.
 LADDER: Final[tuple[Quant, ...]] = _with_dynamic_variants(_BASE_LADDER)
 _RANK: Final[dict[str, int]] = {q.tag: i for i, q in enumerate(LADDER)}
-_BY_TAG: Final[dict[str, Quant]] = {q.tag: q for q in LADDER}
 
 #: Spellings seen on the Hub that mean a ladder tag.
 _ALIASES: Final[dict[str, str]] = {
@@ -125,12 +124,6 @@ def quality_rank(tag: str) -> int | None:
     """Position on the ladder, 0 = best; None for tags the ladder does not know."""
     canonical = normalize_tag(tag)
     return None if canonical is None else _RANK[canonical]
-
-
-def quant_info(tag: str) -> Quant | None:
-    """The ladder entry for ``tag`` (any spelling), or None."""
-    canonical = normalize_tag(tag)
-    return None if canonical is None else _BY_TAG[canonical]
 
 
 def at_least(tag: str, floor: str) -> bool:
