@@ -20,7 +20,6 @@ from agent.adapt.policy import (
     Action,
     CapQuant,
     EngineChange,
-    Mode,
     Observation,
     Offload,
     PolicyState,
@@ -30,6 +29,7 @@ from agent.adapt.policy import (
     mode,
     settle,
 )
+from agent.transport.telemetry import Mode
 
 if TYPE_CHECKING:
     from agent.adapt.settings import AdaptSettings
