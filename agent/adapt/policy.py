@@ -29,9 +29,7 @@ from typing import Literal
 
 from agent.adapt.settings import AdaptSettings, ThermalLimits
 from agent.hardware.snapshot import DeviceSnapshot
-
-Number = float | int | str | bool | None
-Mode = Literal["local", "degraded", "offloading"]
+from agent.transport.telemetry import Mode, Number
 
 THROTTLE_FLAGS = ("under_voltage", "arm_freq_capped", "throttled", "soft_temp_limit")
 
