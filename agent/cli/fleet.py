@@ -25,6 +25,7 @@ from agent.fleet.signing import load_private_key, write_keypair
 from agent.fleet.wire import build_command
 from agent.settings import Settings, load_settings
 from agent.transport.mqtt import Incoming, LinkEvent, MqttLink
+from agent.transport.telemetry import read_telemetry
 from agent.transport.topics import (
     FleetWideTopics,
     Scope,
@@ -64,29 +65,35 @@ class DeviceView:
         return [str(g) for g in groups] if isinstance(groups, list) else []
 
     @property
+    def reading(self) -> dict[str, Any]:
+        """The telemetry fields this version knows, typed by the telemetry model (others left out)."""
+        return read_telemetry(self.telemetry)
+
+    @property
     def last_seen(self) -> float | None:
         """Newest timestamp the device itself put in its status or telemetry (unix seconds)."""
-        stamps = [_number(self.telemetry, "ts", "time", "timestamp"), _number(self.status, "since")]
+        stamps = [self.reading.get("ts"), _number(self.status, "since")]
         known = [s for s in stamps if s is not None]
         return max(known) if known else None
 
     def stale(self, now: float, stale_after_s: float) -> bool:
         """Live but silent: telemetry stopped arriving for ``stale_after_s`` (the will covers dead links)."""
-        ts = _number(self.telemetry, "ts", "time", "timestamp")
+        ts = self.reading.get("ts")
         return self.state in LIVE_STATES and ts is not None and now - ts > stale_after_s
 
     def row(self, now: float, stale_after_s: float) -> dict[str, Any]:
-        t, s = self.telemetry, self.status
+        t, s = self.reading, self.status
         seen = self.last_seen
+        queue = t.get("queue_depth")
         return {
             "device_id": self.device_id,
             "groups": self.groups,
             "state": self.state,
             "model": s.get("model") or t.get("model"),
             "quant": s.get("quant") or t.get("quant"),
-            "temp_c": _number(t, "temp_c", "temperature_c", "soc_temp_c", "cpu_temp_c"),
-            "battery_pct": _number(t, "battery_pct", "battery_percent", "battery"),
-            "queue": _number(t, "queue", "queue_depth"),
+            "temp_c": t.get("temperature_c"),
+            "battery_pct": t.get("battery_percent"),
+            "queue": float(queue) if queue is not None else None,
             "mode": t.get("mode") or s.get("mode"),
             "last_seen_s": round(now - seen, 1) if seen is not None else None,
             "stale": self.stale(now, stale_after_s),

@@ -87,7 +87,7 @@ def read_view(op: Operator, topics: DeviceTopics, timeout: float) -> DeviceView:
 
 
 def _extra(view: DeviceView, now: float) -> dict[str, Any]:
-    s, t = view.status, view.telemetry
+    s, t = view.status, view.reading
     ts, uptime = t.get("ts"), t.get("uptime_s")
     age = now - ts if isinstance(ts, int | float) else None
     if age is not None and isinstance(uptime, int | float) and view.state in LIVE_STATES:

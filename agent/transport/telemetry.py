@@ -8,9 +8,11 @@ Published on ``{prefix}/{device_id}/telemetry`` (:class:`Telemetry`, every ``tel
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from collections.abc import Mapping
+from functools import cache
+from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 TELEMETRY_VERSION: Final = 1
 
@@ -127,6 +129,27 @@ class Event(_Wire):
     numbers: dict[str, Number] = Field(default_factory=dict, description="The readings that triggered it.")
     ts: float = Field(description="Unix time.")
     device_id: str
+
+
+def read_telemetry(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`Telemetry` fields of a received payload, each validated on its own (strictly: no strings
+    for numbers, no booleans for counts); keys the model does not have and values of the wrong type are left
+    out. Field by field rather than the whole model so an operator still sees what a device of another
+    version sends that this version understands."""
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        if name in Telemetry.model_fields:
+            try:
+                out[name] = _field_adapter(name).validate_python(value, strict=True)
+            except ValidationError:
+                continue
+    return out
+
+
+@cache
+def _field_adapter(name: str) -> TypeAdapter[Any]:
+    annotation = Telemetry.model_fields[name].annotation
+    return TypeAdapter(Any if annotation is None else annotation)
 
 
 SCHEMA_MODELS: dict[str, type[BaseModel]] = {"telemetry": Telemetry, "event": Event}

@@ -156,7 +156,7 @@ def test_cli_cmd_exits_non_zero_on_failure_or_no_answer(devices: dict[str, SimDe
 def test_cli_ls_shows_devices_groups_and_offline_state(devices: dict[str, SimDevice], broker: Broker,
                                                        tmp_path: Path) -> None:
     """`fleet ls --json` lists each device with its groups and state; a stopped device shows offline."""
-    devices["dev1"].publish_telemetry(temp_c=51.0, queue=2)
+    devices["dev1"].publish_telemetry(temperature_c=51.0, queue_depth=2)
     devices["dev3"].publish_telemetry(ts=time.time() - 3600)
     devices["dev2"].stop()
     config = write_operator_config(tmp_path / "op.toml", broker.port)

@@ -21,6 +21,7 @@ from agent.errors import ModelUnavailableError
 from agent.fleet.service import FleetService
 from agent.settings import Settings
 from agent.transport.mqtt import Incoming, LinkEvent, MqttLink
+from agent.transport.telemetry import Telemetry
 from tests.support.daemon import REPO
 
 if "fleet" in Settings.model_fields and "groups" in Settings.model_fields:
@@ -156,8 +157,15 @@ class SimDevice:
             raise TimeoutError(f"{self.settings.device_id} did not connect and subscribe")
 
     def publish_telemetry(self, **values: Any) -> None:
-        body = {"device_id": self.settings.device_id, "ts": round(time.time(), 3), "temp_c": 48.5,
-                "queue": 0, "mode": "local", **values}
+        """Retain a telemetry payload of the real model (``values`` override its fields)."""
+        reading = Telemetry(
+            ts=round(time.time(), 3), temperature_c=48.5, zones=[], throttled=None, battery_percent=None,
+            battery_status=None, power_w=None, cpu_percent=None, load_1m=None, ram_available_bytes=None,
+            cgroup_memory_bytes=None, disk_free_bytes=None, model=None, quant=None, threads=None, queue_depth=0,
+            tokens_per_second=None, requests_served=0, requests_failed=0, requests_offloaded=0, mode="local",
+            uptime_s=0.0,
+        )
+        body = {**reading.model_dump(mode="json"), **values}
         self.link.publish(self.telemetry_topic, json.dumps(body).encode(), qos=0, retain=True)
 
     def stop(self) -> None:

@@ -11,7 +11,7 @@ from agent.adapt.policy import CapQuant, Offload, SetThreads
 from agent.config.telemetry import TelemetrySettings
 from agent.hardware.snapshot import ThrottleState
 from agent.services.telemetry import RuntimeView, build_telemetry, event_from_action
-from agent.transport.telemetry import Event, LimitCounts, Telemetry
+from agent.transport.telemetry import Event, LimitCounts, Telemetry, read_telemetry
 from tests.support.hardware import probe_case
 
 ISSUE_FIELDS = {
@@ -131,3 +131,23 @@ def test_telemetry_settings_defaults() -> None:
     assert s.interval_s == 10.0
     assert not s.ha_discovery
     assert s.ha_prefix == "homeassistant"
+
+
+def test_read_telemetry_keeps_the_models_fields_with_valid_values_only() -> None:
+    """A received payload is read field by field against the model: unknown keys, strings for numbers and
+    booleans for counts are left out, the rest is typed."""
+    read = read_telemetry({"ts": 5, "temperature_c": "51", "queue_depth": True, "mode": "degraded",
+                           "temp_c": 50.0, "requests_served": 3, "limits": {"payload_bytes": 1}})
+    assert read == {"ts": 5.0, "mode": "degraded", "requests_served": 3, "limits": LimitCounts(payload_bytes=1)}
+
+
+def test_fleet_view_reads_the_telemetry_models_names_not_guessed_ones() -> None:
+    """The operator's device row takes temperature, battery and queue from the telemetry model's fields."""
+    from agent.cli.fleet import DeviceView
+
+    typed = DeviceView("d", telemetry={"ts": 100.0, "temperature_c": 51.0, "battery_percent": 80.0, "queue_depth": 2})
+    guessed = DeviceView("d", telemetry={"time": 100.0, "temp_c": 51.0, "battery": 80.0, "queue": 2})
+    assert {k: typed.row(100.0, 60.0)[k] for k in ("temp_c", "battery_pct", "queue", "last_seen_s")} == {
+        "temp_c": 51.0, "battery_pct": 80.0, "queue": 2.0, "last_seen_s": 0.0}
+    assert {k: guessed.row(100.0, 60.0)[k] for k in ("temp_c", "battery_pct", "queue", "last_seen_s")} == {
+        "temp_c": None, "battery_pct": None, "queue": None, "last_seen_s": None}
