@@ -48,9 +48,10 @@ from agent.fleet.wire import (
     PlanArgs,
 )
 from agent.settings import DEFAULT_CONFIG_PATH, OVERRIDES_FILE_NAME, Settings, layered_settings
-from agent.transport.limits import check_payload, check_unicode, top_level_strings
+from agent.transport.limits import top_level_strings
 from agent.transport.mqtt import Incoming, Publish
 from agent.transport.topics import CommandTarget, FleetTopics, is_concrete_topic
+from agent.transport.wire import decode_object, describe_error
 
 if TYPE_CHECKING:  # cryptography loads only when a fleet key is configured (~7 MB RSS)
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -248,7 +249,7 @@ class FleetService:
         own = [_Reply(self.topics.result)]
         data: dict[str, Any] | None = None
         try:
-            data = _decode_object(message.payload)
+            data = decode_object(message.payload)
             request = _validate(CommandRequest, data)
             signed = self._authenticate(request, data, target)
         except SignatureError as exc:
@@ -507,20 +508,6 @@ def _result(rid: str | None, device_id: str, cmd: str, outcome: dict[str, Any] |
     return CommandResult(id=rid, device_id=device_id, cmd=cmd, ok=True, result=outcome, duplicate=False)
 
 
-def _decode_object(payload: bytes) -> dict[str, Any]:
-    check_payload(payload, None)  # bounded nesting before json.loads recurses into it
-    try:
-        data = json.loads(payload.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise BadRequestError("payload is not UTF-8") from exc
-    except ValueError as exc:
-        raise BadRequestError(f"payload is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise BadRequestError("payload must be a JSON object")
-    check_unicode(payload, data)
-    return data
-
-
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -528,16 +515,7 @@ def _validate(model: type[M], data: Any) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise BadRequestError(_describe(exc)) from exc
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "args"
-        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-        parts.append(f"{where}: {msg}")
-    return "; ".join(parts)
+        raise BadRequestError(describe_error(exc, "args")) from exc
 
 
 def _peek_id(data: Mapping[str, Any] | None) -> str | None:

@@ -177,19 +177,19 @@ def parse_request(payload: bytes, max_bytes: int) -> InferRequest:
     """Decode and validate a request payload, raising BadRequestError/TooLargeError with a readable reason."""
     if len(payload) > max_bytes:
         raise TooLargeError(f"payload is {len(payload)} bytes; the limit is {max_bytes}")
-    data = _decode_object(payload)
+    data = decode_object(payload)
     try:
         return InferRequest.model_validate(data)
     except ValidationError as exc:
-        raise BadRequestError(_describe(exc)) from exc
+        raise BadRequestError(describe_error(exc)) from exc
 
 
 def parse_cancel(payload: bytes) -> CancelRequest:
-    data = _decode_object(payload)
+    data = decode_object(payload)
     try:
         return CancelRequest.model_validate(data)
     except ValidationError as exc:
-        raise BadRequestError(_describe(exc)) from exc
+        raise BadRequestError(describe_error(exc)) from exc
 
 
 def peek_reply_fields(payload: bytes) -> tuple[str | None, str | None]:
@@ -221,7 +221,8 @@ def error_payload(
     ).encode()
 
 
-def _decode_object(payload: bytes) -> dict[str, Any]:
+def decode_object(payload: bytes) -> dict[str, Any]:
+    """``payload`` as a JSON object, its nesting and strings checked; BadRequestError saying why not."""
     check_payload(payload, None)  # bounded nesting before json.loads recurses into it
     try:
         text = payload.decode("utf-8")
@@ -237,10 +238,11 @@ def _decode_object(payload: bytes) -> dict[str, Any]:
     return data
 
 
-def _describe(exc: ValidationError) -> str:
+def describe_error(exc: ValidationError, whole: str = "payload") -> str:
+    """A validation error as one line, ``field: problem; ...``; ``whole`` names an error of the whole object."""
     parts = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "payload"
+        where = ".".join(str(p) for p in err["loc"]) or whole
         msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
         parts.append(f"{where}: {msg}")
     return "; ".join(parts)
