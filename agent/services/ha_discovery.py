@@ -14,11 +14,10 @@ device classes): a numeric device class comes with its unit and ``state_class: m
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
-from agent.transport.topics import DeviceTopics
+from agent.transport.topics import DeviceTopics, ha_config_topic, ha_node_id
 
 ORIGIN = {"name": "edge-agent"}
 EXPIRE_AFTER_INTERVALS = 3  # a sensor goes 'unavailable' after three missed telemetry ticks
@@ -52,11 +51,6 @@ SENSORS: tuple[SensorSpec, ...] = (
 )  # fmt: skip
 
 
-def node_id(device_id: str) -> str:
-    """The discovery topic's node level: HA accepts only [a-zA-Z0-9_-] there."""
-    return "edge_agent_" + re.sub(r"[^a-zA-Z0-9_-]", "_", device_id)
-
-
 def sensor_config(
     spec: SensorSpec,
     topics: DeviceTopics,
@@ -66,7 +60,7 @@ def sensor_config(
     version: str | None = None,
 ) -> dict[str, Any]:
     """The discovery config of one sensor (a JSON object per HA's MQTT sensor schema)."""
-    node = node_id(topics.device_id)
+    node = ha_node_id(topics.device_id)
     config: dict[str, Any] = {
         "name": spec.name,
         "unique_id": f"{node}_{spec.object_id}",
@@ -103,10 +97,6 @@ def sensor_config(
     return config
 
 
-def config_topic(ha_prefix: str, device_id: str, object_id: str) -> str:
-    return f"{ha_prefix}/sensor/{node_id(device_id)}/{object_id}/config"
-
-
 def discovery_messages(
     topics: DeviceTopics,
     *,
@@ -123,7 +113,7 @@ def discovery_messages(
     """
     out = []
     for spec in SENSORS:
-        topic = config_topic(ha_prefix, topics.device_id, spec.object_id)
+        topic = ha_config_topic(ha_prefix, topics.device_id, spec.object_id)
         if spec.object_id == "battery" and not has_battery:
             out.append((topic, b""))
             continue

@@ -5,6 +5,7 @@ Keeping every topic string in one place means the wire contract (docs/protocol.m
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -200,3 +201,16 @@ class FleetWideTopics:
 def is_result_topic(topic: str) -> bool:
     """True for a device's fleet command result topic (``.../cmd/result``)."""
     return topic.endswith(f"/cmd/{RESULT_LEVEL}")
+
+
+# -- Home Assistant discovery -----------------------------------------------------------------------
+
+
+def ha_node_id(device_id: str) -> str:
+    """The discovery topic's node level: HA accepts only [a-zA-Z0-9_-] there."""
+    return "edge_agent_" + re.sub(r"[^a-zA-Z0-9_-]", "_", device_id)
+
+
+def ha_config_topic(ha_prefix: str, device_id: str, object_id: str) -> str:
+    """Where one sensor's retained discovery config goes (``<ha_prefix>/sensor/<node_id>/<object_id>/config``)."""
+    return f"{ha_prefix}/sensor/{ha_node_id(device_id)}/{object_id}/config"

@@ -8,9 +8,9 @@ from typing import Any
 import jinja2
 import pytest
 
-from agent.services.ha_discovery import SENSORS, discovery_messages, node_id
+from agent.services.ha_discovery import SENSORS, discovery_messages
 from agent.services.telemetry import RuntimeView, build_telemetry
-from agent.transport.topics import DeviceTopics
+from agent.transport.topics import DeviceTopics, ha_node_id
 from tests.support.hardware import probe_case
 
 # HA's MQTT sensor platform schema (homeassistant/components/mqtt/sensor.py + the MQTT entity/availability
@@ -112,7 +112,7 @@ def test_every_config_is_valid_for_ha_mqtt_sensor_schema() -> None:
 def test_topics_and_unique_ids() -> None:
     """Configs live at homeassistant/sensor/<node>/<object>/config, unique ids are unique and stable."""
     found = configs()
-    node = node_id("kitchen-pi")
+    node = ha_node_id("kitchen-pi")
     assert node == "edge_agent_kitchen-pi"
     assert set(found) == {f"homeassistant/sensor/{node}/{s.object_id}/config" for s in SENSORS}
     ids = [c["unique_id"] for c in found.values()]
@@ -156,9 +156,9 @@ def test_availability_follows_the_status_record(state: str, available: str) -> N
 def test_no_battery_removes_the_battery_sensor() -> None:
     """Without a battery its config is an empty retained payload, which deletes the entity in HA."""
     raw = dict(discovery_messages(TOPICS, has_battery=False))
-    assert raw[f"homeassistant/sensor/{node_id('kitchen-pi')}/battery/config"] == b""
+    assert raw[f"homeassistant/sensor/{ha_node_id('kitchen-pi')}/battery/config"] == b""
 
 
 def test_device_id_with_odd_characters_gives_a_valid_node_id() -> None:
     """A device id with dots or spaces still yields a node id HA accepts ([a-zA-Z0-9_-])."""
-    assert node_id("pi.lab 1") == "edge_agent_pi_lab_1"
+    assert ha_node_id("pi.lab 1") == "edge_agent_pi_lab_1"
