@@ -6,6 +6,9 @@ no I/O and reads no clock, so every rule is pinned by table tests. The daemon fe
 carries the actions out (re-thread, hot-swap a capped quant, route requests to the cloud), publishing
 each one as an event with the reason and the numbers that triggered it.
 
+The bands themselves (where heat and battery count as clear / band / high / critical) are the one rule in
+:mod:`agent.hardware.conditions`, shared with the fit decision and the CLI; this module adds time.
+
 Why it never flaps:
 
 * **Hysteresis bands.** Stepping down starts at ``soft - thermal_margin_c``; stepping up needs the SoC
@@ -25,13 +28,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal
 
 from agent.adapt.settings import AdaptSettings, ThermalLimits
+from agent.hardware.conditions import Band, battery_band, heat_band, read_battery, throttle_now
 from agent.hardware.snapshot import DeviceSnapshot
 from agent.transport.telemetry import Mode, Number
-
-THROTTLE_FLAGS = ("under_voltage", "arm_freq_capped", "throttled", "soft_temp_limit")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +43,7 @@ class Observation:
     temperature_c: float | None
     soft_limit_c: float
     hard_limit_c: float
-    throttle_now: frozenset[str] = frozenset()  # names from THROTTLE_FLAGS that are set "now"
+    throttle_now: frozenset[str] = frozenset()  # names from conditions.THROTTLE_FLAGS that are set "now"
     battery_percent: float | None = None
     battery_discharging: bool = False
     memory_budget_bytes: int | None = None  # what a model could have now, counting the loaded one's own share
@@ -118,9 +119,6 @@ class Offload:
 
 Action = SetThreads | CapQuant | Offload
 
-Band = Literal["clear", "band", "high", "critical"]
-
-
 @dataclass(frozen=True, slots=True)
 class Assessment:
     """Each condition placed in its band, with the reasons and numbers behind it (for events)."""
@@ -163,22 +161,10 @@ def _thermal(
         numbers.update(temperature_c=round(t, 1), soft_limit_c=obs.soft_limit_c, hard_limit_c=obs.hard_limit_c)
     if flags:
         numbers["throttle_now"] = ",".join(flags)
-    critical_at = obs.hard_limit_c - cfg.critical_margin_c
-    width = cfg.thermal_recover_c - cfg.thermal_margin_c
-    if t is not None and (t >= critical_at or (offloading and t >= critical_at - width)):
-        reasons.append("soc_critical")
-        return "critical"
-    if flags:
-        reasons.append("firmware_throttling")
-        return "high"
-    if t is None:
-        return "clear"
-    if t >= obs.soft_limit_c - cfg.thermal_margin_c:
-        reasons.append("soc_near_soft_limit")
-        return "high"
-    if t >= obs.soft_limit_c - cfg.thermal_recover_c:
-        return "band"
-    return "clear"
+    band, reason = heat_band(t, obs.throttle_now, obs.soft_limit_c, obs.hard_limit_c, cfg, offloading=offloading)
+    if reason:
+        reasons.append(reason)
+    return band
 
 
 def _battery(
@@ -188,18 +174,10 @@ def _battery(
     if p is None:
         return "clear"
     numbers.update(battery_percent=p, battery_discharging=obs.battery_discharging)
-    if not obs.battery_discharging:
-        return "clear"
-    critical_exit = cfg.battery_critical_percent + cfg.battery_recover_percent
-    if p <= cfg.battery_critical_percent or (offloading and p < critical_exit):
-        reasons.append("battery_critical")
-        return "critical"
-    if p <= cfg.battery_low_percent:
-        reasons.append("battery_low")
-        return "high"
-    if p < cfg.battery_low_percent + cfg.battery_recover_percent:
-        return "band"
-    return "clear"
+    band, reason = battery_band(p, obs.battery_discharging, cfg, offloading=offloading)
+    if reason:
+        reasons.append(reason)
+    return band
 
 
 def _memory(obs: Observation, cfg: AdaptSettings, reasons: list[str], numbers: dict[str, Number]) -> Band:
@@ -344,12 +322,7 @@ def observe(
     The snapshot's budget is what is still free *beside* the loaded model, so the model's own estimate
     is added back: the result is what a model could have now, comparable with the estimate.
     """
-    throttle = snapshot.thermal.throttle
-    flags: frozenset[str] = frozenset()
-    if throttle is not None:
-        flags = frozenset(name for name in THROTTLE_FLAGS if getattr(throttle.now, name))
-    batteries = [b for b in snapshot.power.batteries if b.capacity_pct is not None]
-    percent = float(min(b.capacity_pct for b in batteries if b.capacity_pct is not None)) if batteries else None
+    battery = read_battery(snapshot.power)
     budget = snapshot.memory.budget_bytes
     if budget is not None and model_loaded and model_estimate_bytes:
         budget += model_estimate_bytes
@@ -359,9 +332,9 @@ def observe(
         temperature_c=snapshot.thermal.max_temp_c,
         soft_limit_c=limits.soft_c,
         hard_limit_c=limits.hard_c,
-        throttle_now=flags,
-        battery_percent=percent,
-        battery_discharging=snapshot.power.on_battery,
+        throttle_now=throttle_now(snapshot),
+        battery_percent=battery.percent if battery is not None else None,
+        battery_discharging=battery.discharging if battery is not None else False,
         memory_budget_bytes=budget,
         psi_some_avg10=pressure.some.avg10 if pressure is not None and pressure.some is not None else None,
         model_estimate_bytes=model_estimate_bytes,

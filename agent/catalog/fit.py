@@ -12,8 +12,9 @@ Rules, in order (docs/fit.md has the rationale):
    than a crushed big one. Models are tried in preference order; the first with a fitting candidate at
    or above the floor wins. Only when no model has one does a below-floor candidate get chosen (unless
    the floor is hard), and the decision says so.
-4. **Thermal / battery cap**: a hot or throttled SoC (or a low battery while discharging) steps down
-   one or two rungs among the winning model's fitting candidates, never below the floor: a smaller
+4. **Thermal / battery cap**: the device's heat and battery bands (:mod:`agent.hardware.conditions`,
+   the same rule the live policy uses) step down among the winning model's fitting candidates, never
+   below the floor: heat ``high`` 1 rung, ``critical`` 2, a low battery while discharging 1. A smaller
    quant moves fewer bytes per token, so it runs cooler and faster.
 5. Nothing fits: ``chosen`` is None and :meth:`FitDecision.require` raises :class:`NothingFitsError`
    naming the budget and the smallest candidate's need.
@@ -29,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agent.catalog.quants import at_least, quality_rank
 from agent.errors import AgentError
+from agent.hardware.conditions import Band, Conditions
 
 MiB: Final[int] = 1024 * 1024
 
@@ -102,6 +104,7 @@ def make_budget(
     *,
     cgroup_limit_bytes: int | None = None,
     cgroup_usage_bytes: int | None = None,
+    cgroup_headroom_bytes: int | None = None,
     reserve_bytes: int = 64 * MiB,
     safety_fraction: float = 0.05,
     min_safety_bytes: int = 32 * MiB,
@@ -109,11 +112,13 @@ def make_budget(
 ) -> Budget:
     """Budget from probe figures: the safety margin is ``safety_fraction`` of what is usable (>= a floor).
 
-    ``cgroup_limit_bytes`` None means unlimited (``memory.max`` = "max").
+    ``cgroup_limit_bytes`` None means unlimited (``memory.max`` = "max"). ``cgroup_headroom_bytes`` gives
+    the headroom directly (a probe's, over the own cgroup and its ancestors); the smaller of the two counts.
     """
-    headroom = None
+    headroom = None if cgroup_headroom_bytes is None else max(0, cgroup_headroom_bytes)
     if cgroup_limit_bytes is not None:
-        headroom = max(0, cgroup_limit_bytes - (cgroup_usage_bytes or 0))
+        own = max(0, cgroup_limit_bytes - (cgroup_usage_bytes or 0))
+        headroom = own if headroom is None else min(headroom, own)
     usable = available_bytes if headroom is None else min(available_bytes, headroom)
     margin = max(min_safety_bytes, int(usable * safety_fraction))
     return Budget(
@@ -125,79 +130,34 @@ def make_budget(
     )
 
 
-class ThermalState(_Frozen):
-    """SoC temperature against the board's limits, plus the Raspberry Pi throttle flags."""
-
-    temperature_c: float | None = None
-    soft_limit_c: float | None = Field(default=None, description="Where firmware starts capping the clock.")
-    hard_limit_c: float | None = Field(default=None, description="Where it throttles hard.")
-    freq_capped_now: bool = Field(default=False, description="get_throttled bit 1.")
-    throttled_now: bool = Field(default=False, description="get_throttled bit 2.")
-    soft_limit_now: bool = Field(default=False, description="get_throttled bit 3.")
-
-    @classmethod
-    def from_throttle_bits(
-        cls,
-        bits: int,
-        *,
-        temperature_c: float | None = None,
-        soft_limit_c: float | None = None,
-        hard_limit_c: float | None = None,
-    ) -> ThermalState:
-        """From ``vcgencmd get_throttled`` / sysfs ``get_throttled`` (only the "now" bits matter)."""
-        return cls(
-            temperature_c=temperature_c,
-            soft_limit_c=soft_limit_c,
-            hard_limit_c=hard_limit_c,
-            freq_capped_now=bool(bits & 0x2),
-            throttled_now=bool(bits & 0x4),
-            soft_limit_now=bool(bits & 0x8),
-        )
-
-
-class BatteryState(_Frozen):
-    """Battery charge and whether it is running the device."""
-
-    percent: float | None = Field(default=None, ge=0, le=100)
-    discharging: bool = False
-
-
 class FitPolicy(_Frozen):
-    """Knobs of the decision (config ``[fit]``)."""
+    """Knobs of the decision. The heat and battery thresholds are ``[adapt]``'s (agent.hardware.conditions)."""
 
     quality_floor: str = Field(default="Q3_K_S", description="Lowest quant worth running when a smaller model exists.")
     floor_is_hard: bool = Field(default=False, description="Refuse below-floor quants even when nothing else fits.")
-    near_soft_limit_c: float = Field(default=5.0, ge=0, description="This close to the soft limit counts as hot.")
-    low_battery_percent: float = Field(default=20.0, ge=0, le=100, description="Below this, discharging, step down.")
-    max_cap_steps: int = Field(default=2, ge=0, description="Thermal + battery step-down never exceeds this.")
+    max_cap_steps: int = Field(default=2, ge=0, description="The heat + battery step-down never exceeds this.")
 
 
-def thermal_steps(thermal: ThermalState | None, policy: FitPolicy) -> tuple[int, str | None]:
-    """Rungs to step down for heat, and why: 2 at the hard limit or when throttled, 1 near the soft limit."""
-    if thermal is None:
-        return 0, None
-    t = thermal.temperature_c
-    if thermal.throttled_now:
-        return 2, "SoC is throttled now"
-    if t is not None and thermal.hard_limit_c is not None and t >= thermal.hard_limit_c:
-        return 2, f"SoC at {t:.0f} °C >= hard limit {thermal.hard_limit_c:.0f} °C"
-    if thermal.soft_limit_now or thermal.freq_capped_now:
-        return 1, "firmware reports the soft temperature limit / a capped ARM clock"
-    if t is not None and thermal.soft_limit_c is not None and t >= thermal.soft_limit_c - policy.near_soft_limit_c:
-        return 1, (
-            f"SoC at {t:.0f} °C is within {policy.near_soft_limit_c:.0f} °C of its soft limit "
-            f"{thermal.soft_limit_c:.0f} °C"
-        )
-    return 0, None
+HEAT_STEPS: Final[dict[Band, int]] = {"clear": 0, "band": 0, "high": 1, "critical": 2}
+BATTERY_STEPS: Final[dict[Band, int]] = {"clear": 0, "band": 0, "high": 1, "critical": 1}
 
 
-def battery_steps(battery: BatteryState | None, policy: FitPolicy) -> tuple[int, str | None]:
-    """One rung down on a low battery while discharging."""
-    if battery is None or not battery.discharging or battery.percent is None:
-        return 0, None
-    if battery.percent < policy.low_battery_percent:
-        return 1, f"battery at {battery.percent:.0f}% and discharging"
-    return 0, None
+def condition_steps(conditions: Conditions | None) -> tuple[int, list[str]]:
+    """Rungs to step down for heat and battery, and why: heat ``high`` 1, ``critical`` 2; battery low 1.
+
+    The bands come from the one rule in :mod:`agent.hardware.conditions`, the same the live policy uses.
+    """
+    if conditions is None:
+        return 0, []
+    steps, why = 0, []
+    heat, battery = conditions.heat, conditions.battery
+    if HEAT_STEPS[heat.band]:
+        steps += HEAT_STEPS[heat.band]
+        why.append(heat.explain())
+    if BATTERY_STEPS[battery.band]:
+        steps += BATTERY_STEPS[battery.band]
+        why.append(battery.explain())
+    return steps, why
 
 
 class Verdict(StrEnum):
@@ -333,8 +293,7 @@ def choose(
     candidates: Sequence[Candidate],
     budget: Budget | int,
     *,
-    thermal: ThermalState | None = None,
-    battery: BatteryState | None = None,
+    conditions: Conditions | None = None,
     prefer: Sequence[str] | None = None,
     policy: FitPolicy | None = None,
     extra_cap_steps: int = 0,
@@ -349,15 +308,15 @@ def choose(
     if isinstance(budget, int):
         budget = Budget(available_bytes=max(0, budget))
     limit = budget.bytes
-    t_steps, t_note = thermal_steps(thermal, policy)
-    b_steps, b_note = battery_steps(battery, policy)
-    # extra_cap_steps: the live adaptation policy's own step-downs (sustained heat, memory pressure).
-    steps = min(policy.max_cap_steps, t_steps + b_steps + max(0, extra_cap_steps))
+    c_steps, why = condition_steps(conditions)
+    # extra_cap_steps: the live adaptation policy's cap. It already answers the same heat and battery
+    # (one rule, agent.hardware.conditions), so the larger of the two counts, never their sum.
+    extra = max(0, extra_cap_steps)
+    steps = min(policy.max_cap_steps, max(c_steps, extra))
     notes = []
     if steps:
-        why = [n for n in (t_note, b_note) if n]
-        if extra_cap_steps:
-            why.append(f"{extra_cap_steps} step(s) requested by live adaptation")
+        if extra > c_steps:
+            why.append(f"{extra} step(s) requested by live adaptation")
         notes.append(f"quality capped {steps} step(s) down: " + "; ".join(why))
 
     by_model: dict[str, list[Candidate]] = {}

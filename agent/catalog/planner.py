@@ -16,15 +16,7 @@ import structlog
 
 from agent.catalog.catalog import Catalog, CatalogEntry, discover_quant_files, load_catalog
 from agent.catalog.estimate import MemoryEstimate, default_repack_types, estimate_memory
-from agent.catalog.fit import (
-    BatteryState,
-    Budget,
-    Candidate,
-    FitDecision,
-    ThermalState,
-    choose,
-    make_budget,
-)
+from agent.catalog.fit import Budget, Candidate, FitDecision, choose, make_budget
 from agent.catalog.gguf_header import INITIAL_READ_BYTES, GgufInfo, NeedMoreBytes, parse_header, read_local
 from agent.catalog.hub import (
     HubError,
@@ -36,55 +28,30 @@ from agent.catalog.hub import (
     resolve_token,
 )
 from agent.catalog.quants import normalize_tag
+from agent.config.adapt import AdaptSettings
 from agent.errors import ConfigError, ModelUnavailableError
+from agent.hardware.conditions import Conditions, device_conditions
 from agent.hardware.snapshot import DeviceSnapshot
-from agent.settings import Settings
+from agent.settings import ModelSettings, Settings
 
 log = structlog.get_logger("agent.planner")
 
 MAX_HEADER_BYTES = 64 * 2**20  # a header larger than this is not a model we can serve on a board
 
 
-@dataclass(frozen=True, slots=True)
 class DeviceConditions:
-    """What the choice depends on; from a probe snapshot, or operator overrides in ``plan``."""
+    """Transitional: the daemon's old call site until it builds :func:`device_conditions` itself."""
 
-    available_bytes: int
-    cgroup_limit_bytes: int | None = None
-    cgroup_usage_bytes: int | None = None
-    thermal: ThermalState | None = None
-    battery: BatteryState | None = None
+    @staticmethod
+    def from_snapshot(snap: DeviceSnapshot, *, soft_limit_c: float, hard_limit_c: float) -> Conditions:
+        cfg = AdaptSettings.model_validate({})
+        return device_conditions(snap, soft_limit_c=soft_limit_c, hard_limit_c=hard_limit_c, cfg=cfg)
 
-    @classmethod
-    def from_snapshot(
-        cls, snap: DeviceSnapshot, *, soft_limit_c: float | None = None, hard_limit_c: float | None = None
-    ) -> DeviceConditions:
-        mem = snap.memory
-        available = mem.available_bytes if mem.available_bytes is not None else (mem.budget_bytes or 0)
-        cg = mem.cgroup
-        limits = [v for v in ((cg.max_bytes, cg.high_bytes) if cg else ()) if v is not None]
-        throttle = snap.thermal.throttle
-        thermal = ThermalState(
-            temperature_c=snap.thermal.max_temp_c,
-            soft_limit_c=soft_limit_c,
-            hard_limit_c=hard_limit_c,
-            freq_capped_now=bool(throttle and throttle.now.arm_freq_capped),
-            throttled_now=bool(throttle and throttle.now.throttled),
-            soft_limit_now=bool(throttle and throttle.now.soft_temp_limit),
-        )
-        battery = None
-        if snap.power.batteries:
-            b = snap.power.batteries[0]
-            battery = BatteryState(
-                percent=b.capacity_pct, discharging=(b.status or "").lower() == "discharging"
-            )
-        return cls(
-            available_bytes=available,
-            cgroup_limit_bytes=min(limits) if limits else None,
-            cgroup_usage_bytes=cg.current_bytes if cg else None,
-            thermal=thermal,
-            battery=battery,
-        )
+
+def configured_n_ctx(model: ModelSettings) -> int | None:
+    """The context size to plan with when none is asked for: ``[model] n_ctx`` when the config sets it,
+    else None (the catalog entry's ``n_ctx``, else 2048). The daemon and ``edge-agent plan`` both use this."""
+    return model.n_ctx if "n_ctx" in model.model_fields_set else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +148,7 @@ class Planner:
     def plan(
         self,
         name: str,
-        conditions: DeviceConditions,
+        conditions: Conditions,
         *,
         n_ctx: int | None = None,
         n_batch: int = 512,
@@ -212,19 +179,15 @@ class Planner:
                 f"no quant of {name} could be inspected (offline with nothing cached, or the Hub is unreachable)"
             )
         budget_kwargs: dict[str, int] = {} if reserve_bytes is None else {"reserve_bytes": reserve_bytes}
+        memory = conditions.memory
         budget: Budget = make_budget(
-            conditions.available_bytes,
-            cgroup_limit_bytes=conditions.cgroup_limit_bytes,
-            cgroup_usage_bytes=conditions.cgroup_usage_bytes,
-            **budget_kwargs,
+            memory.available_bytes, cgroup_headroom_bytes=memory.cgroup_headroom_bytes, **budget_kwargs
         )
         candidates = [
             Candidate(model=name, quant=o.quant, estimate_bytes=o.estimate.estimate_bytes, file=o.file)
             for o in options.values()
         ]
-        decision = choose(
-            candidates, budget, thermal=conditions.thermal, battery=conditions.battery, extra_cap_steps=extra_cap_steps
-        )
+        decision = choose(candidates, budget, conditions=conditions, extra_cap_steps=extra_cap_steps)
         log.info(
             "plan_made",
             model=name,

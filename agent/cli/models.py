@@ -52,48 +52,58 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _conditions(settings: Settings, args: argparse.Namespace) -> Any:
+    """This device's conditions (the daemon's rule), with the operator's --ram-available/--temperature/
+    --soft-limit/--battery in place of what the probe read."""
     from agent.adapt.settings import board_limits  # noqa: PLC0415 - keeps `--help` light
-    from agent.catalog.fit import BatteryState, ThermalState  # noqa: PLC0415
-    from agent.catalog.planner import DeviceConditions, parse_size  # noqa: PLC0415
+    from agent.catalog.planner import parse_size  # noqa: PLC0415
+    from agent.hardware.conditions import (  # noqa: PLC0415
+        BatteryReading,
+        Memory,
+        make_conditions,
+        read_battery,
+        read_memory,
+        throttle_now,
+    )
     from agent.hardware.probe import probe_device  # noqa: PLC0415
 
     snap = probe_device(settings.hardware.sys_root, settings.hardware.proc_root, None)
     limits = board_limits(snap, settings.adapt)
-    cond = DeviceConditions.from_snapshot(snap, soft_limit_c=limits.soft_c, hard_limit_c=limits.hard_c)
-    changes: dict[str, Any] = {}
+    soft, hard = limits.soft_c, limits.hard_c
+    temperature, flags = snap.thermal.max_temp_c, throttle_now(snap)
+    battery, memory = read_battery(snap.power), read_memory(snap.memory)
     ram = getattr(args, "ram_available", None)
     if ram:
         try:
-            changes["available_bytes"] = parse_size(ram)
+            memory = Memory(available_bytes=parse_size(ram))
         except ValueError as exc:
             raise ConfigError(f"--ram-available: {exc}") from None
-        changes["cgroup_limit_bytes"] = None
     if getattr(args, "temperature", None) is not None or getattr(args, "soft_limit", None) is not None:
-        soft = args.soft_limit if args.soft_limit is not None else limits.soft_c
-        changes["thermal"] = ThermalState(
-            temperature_c=args.temperature, soft_limit_c=soft, hard_limit_c=max(limits.hard_c, soft)
-        )
+        # A pretended temperature stands for the whole thermal state: the probe's throttle bits do not count.
+        temperature, flags = args.temperature, frozenset()
+        if args.soft_limit is not None:
+            soft, hard = args.soft_limit, max(hard, args.soft_limit)
     if getattr(args, "battery", None) is not None:
-        changes["battery"] = BatteryState(percent=args.battery, discharging=True)
-    if not changes:
-        return cond
-    from dataclasses import replace  # noqa: PLC0415
-
-    return replace(cond, **changes)
+        battery = BatteryReading(name="--battery", percent=args.battery, discharging=True, status="Discharging")
+    return make_conditions(
+        temperature_c=temperature, flags=flags, battery=battery, memory=memory,
+        soft_limit_c=soft, hard_limit_c=hard, cfg=settings.adapt,
+    )
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from agent.catalog.planner import planner_from_settings  # noqa: PLC0415
+    from agent.catalog.planner import configured_n_ctx, planner_from_settings  # noqa: PLC0415
 
     settings = _settings(args)
     name = args.model or settings.model.name
     if not name:
         raise ConfigError("no model given: use --model NAME or set [model] name")
     planner = planner_from_settings(settings, os.environ)
+    # n_ctx and n_batch as the daemon plans them (ModelOwner.make_plan), unless --n-ctx says otherwise.
     plan = planner.plan(
         name,
         _conditions(settings, args),
-        n_ctx=args.n_ctx or (settings.model.n_ctx if settings.model.name == name else None),
+        n_ctx=args.n_ctx or configured_n_ctx(settings.model),
+        n_batch=settings.model.n_batch,
         quant=args.quant,
     )
     if args.json:
@@ -111,12 +121,13 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from agent.catalog.planner import planner_from_settings  # noqa: PLC0415
+    from agent.catalog.planner import configured_n_ctx, planner_from_settings  # noqa: PLC0415
 
     settings = _settings(args)
     name, _, quant = args.model.partition(":")
     planner = planner_from_settings(settings, os.environ)
-    plan = planner.plan(name, _conditions(settings, args), quant=quant or None)
+    plan = planner.plan(name, _conditions(settings, args), n_ctx=configured_n_ctx(settings.model),
+                        n_batch=settings.model.n_batch, quant=quant or None)
     chosen = plan.decision.require()
     progress = None if args.json or not sys.stderr.isatty() else _progress_bar(f"{name}:{chosen.quant}")
     local = planner.ensure_present(plan, progress=progress)

@@ -29,7 +29,8 @@ from agent.engine.llama import LlamaEngine, LoadedModel
 from agent.errors import CancelledError, ConfigError
 
 if TYPE_CHECKING:
-    from agent.catalog.planner import DeviceConditions, Plan, Planner
+    from agent.catalog.planner import Plan, Planner
+    from agent.hardware.conditions import Conditions
     from agent.services.inference import InferenceService
     from agent.settings import ModelSettings
 
@@ -83,7 +84,7 @@ class ModelOwner:
         settings: ModelSettings,
         *,
         planner: Callable[[], Planner],
-        conditions: Callable[[], DeviceConditions],
+        conditions: Callable[[], Conditions],
         emit: Emit,
         on_switched: Callable[[], None] = lambda: None,
         engine_factory: EngineFactory = LlamaEngine,
@@ -127,17 +128,16 @@ class ModelOwner:
         self, name: str, quant: str | None, *, extra_cap_steps: int = 0, freeing: int | None = None
     ) -> Plan:
         """The fit decision for ``name`` now; ``freeing`` counts the loaded model's memory as available."""
-        conditions = self._conditions()
-        if freeing:
-            conditions = replace(conditions, available_bytes=conditions.available_bytes + freeing)
-        if extra_cap_steps:
-            # The live policy's cap already accounts for heat and battery: do not count them twice.
-            conditions = replace(conditions, thermal=None, battery=None)
+        from agent.catalog.planner import configured_n_ctx  # noqa: PLC0415 - the planner module is loaded by now
+
+        # Heat and battery are in the conditions and the live policy's cap answers the same ones; the fit
+        # decision counts the larger of the two, not their sum (agent.catalog.fit.choose).
+        conditions = self._conditions().freeing(freeing)
         cfg = self._settings
         return self.planner().plan(
             name,
             conditions,
-            n_ctx=cfg.n_ctx if "n_ctx" in cfg.model_fields_set else None,
+            n_ctx=configured_n_ctx(cfg),
             n_batch=cfg.n_batch,
             quant=quant,
             extra_cap_steps=extra_cap_steps,
@@ -255,9 +255,8 @@ class ModelOwner:
     def _budget_now(self) -> int:
         from agent.catalog.fit import make_budget  # noqa: PLC0415 - keeps the catalog out of fixed-file devices
 
-        now = self._conditions()
-        return make_budget(now.available_bytes, cgroup_limit_bytes=now.cgroup_limit_bytes,
-                           cgroup_usage_bytes=now.cgroup_usage_bytes).bytes
+        now = self._conditions().memory
+        return make_budget(now.available_bytes, cgroup_headroom_bytes=now.cgroup_headroom_bytes).bytes
 
     def _swap(self, path: Path, n_ctx: int, target: ServingModel, *, side_by_side: bool) -> dict[str, Any]:
         service = self._service_or_raise()

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from agent.adapt.policy import THROTTLE_FLAGS, Action, CapQuant, SetThreads
+from agent.adapt.policy import Action, CapQuant, SetThreads
+from agent.hardware.conditions import THROTTLE_FLAGS, read_battery
 from agent.hardware.snapshot import DeviceSnapshot, ThrottleFlags
 from agent.transport.telemetry import (
     TELEMETRY_VERSION,
@@ -55,10 +56,8 @@ def build_telemetry(snapshot: DeviceSnapshot, runtime: RuntimeView) -> Telemetry
     zones = [ZoneReading(name=z.type or z.name, temp_c=z.temp_c) for z in thermal.zones]
     zones += [ZoneReading(name=f"{s.chip}/{s.label or s.sensor}", temp_c=s.temp_c) for s in thermal.hwmon]
     throttle = thermal.throttle
-    # The first battery that reports a charge level; a second one (a UPS HAT's) rarely does.
-    battery = next((b for b in power.batteries if b.capacity_pct is not None), None)
-    if battery is None and power.batteries:
-        battery = power.batteries[0]
+    # The battery the adaptation and the fit decision count (agent.hardware.conditions.read_battery).
+    battery = read_battery(power)
     report = None
     if throttle is not None:
         report = ThrottleReport(
@@ -70,7 +69,7 @@ def build_telemetry(snapshot: DeviceSnapshot, runtime: RuntimeView) -> Telemetry
         temperature_c=thermal.max_temp_c,
         zones=zones,
         throttled=report,
-        battery_percent=float(battery.capacity_pct) if battery and battery.capacity_pct is not None else None,
+        battery_percent=battery.percent if battery else None,
         battery_status=_status(battery.status) if battery else None,
         power_w=battery.power_w if battery else None,
         cpu_percent=runtime.cpu_percent,

@@ -10,19 +10,19 @@ import pytest
 
 from agent.catalog.estimate import estimate_memory
 from agent.catalog.fit import (
-    BatteryState,
     Budget,
     Candidate,
     FitPolicy,
     MiB,
     NothingFitsError,
-    ThermalState,
     Verdict,
     choose,
     make_budget,
 )
 from agent.catalog.gguf_header import GgufInfo
 from agent.catalog.quants import quality_rank
+from agent.config.adapt import AdaptSettings
+from agent.hardware.conditions import BatteryReading, Conditions, Memory, make_conditions
 
 PROFILES = Path(__file__).resolve().parents[2].parent / "shared" / "device-profiles.toml"
 MB = 1_000_000
@@ -102,6 +102,25 @@ def _board_cases() -> list[Any]:
             for temp in (45.0, board["soft_temp_c"] - 2, board["hard_temp_c"]):
                 cases.append(pytest.param(board, int(ram), int(avail), temp, id=f"{board['name']}-{ram}MB-{temp:.0f}C"))
     return cases
+
+
+def _cond(
+    temp: float | None = None,
+    soft: float = 80.0,
+    hard: float = 85.0,
+    *,
+    flags: frozenset[str] = frozenset(),
+    battery: BatteryReading | None = None,
+) -> Conditions:
+    """Conditions for a device with plenty of memory (fit tests pass the budget separately)."""
+    return make_conditions(
+        temperature_c=temp, flags=flags, battery=battery, memory=Memory(available_bytes=10**10),
+        soft_limit_c=soft, hard_limit_c=hard, cfg=AdaptSettings(),
+    )
+
+
+def _battery(percent: float, discharging: bool) -> BatteryReading:
+    return BatteryReading(name="BAT0", percent=percent, discharging=discharging)
 
 
 # ---------------------------------------------------------------------------------------------- budget
@@ -190,22 +209,26 @@ def test_unknown_quants_are_never_chosen() -> None:
 
 
 @pytest.mark.parametrize(
-    ("thermal", "steps"),
+    ("conditions", "steps"),
     [
         (None, 0),
-        (ThermalState(temperature_c=60, soft_limit_c=80, hard_limit_c=85), 0),
-        (ThermalState(temperature_c=75, soft_limit_c=80, hard_limit_c=85), 1),
-        (ThermalState(temperature_c=78, soft_limit_c=80, hard_limit_c=85), 1),
-        (ThermalState(temperature_c=86, soft_limit_c=80, hard_limit_c=85), 2),
-        (ThermalState.from_throttle_bits(0x80008, temperature_c=50), 1),  # soft limit active now
-        (ThermalState.from_throttle_bits(0x50005, temperature_c=50), 2),  # throttled now
-        (ThermalState.from_throttle_bits(0x50000, temperature_c=50), 0),  # only "has occurred"
+        (_cond(60), 0),
+        (_cond(74.9), 0),
+        (_cond(75), 1),  # soft 80 - thermal_margin_c 5: high
+        (_cond(78), 1),
+        (_cond(82.9), 1),
+        (_cond(83), 2),  # hard 85 - critical_margin_c 2: critical (was 1 until the hard limit)
+        (_cond(86), 2),
+        (_cond(50, flags=frozenset({"soft_temp_limit"})), 1),  # soft limit active now
+        (_cond(50, flags=frozenset({"throttled"})), 1),  # throttled now: high (was 2)
+        (_cond(50, flags=frozenset({"under_voltage"})), 1),  # under-voltage now: high (was 0)
+        (_cond(None), 0),  # no temperature and no throttle bit: nothing guessed
     ],
 )
-def test_thermal_state_caps_quality_by_steps(thermal: ThermalState | None, steps: int) -> None:
-    """Near the soft limit: one rung down; at the hard limit or throttled: two; past events: none."""
+def test_heat_caps_quality_by_steps(conditions: Conditions | None, steps: int) -> None:
+    """Heat 'high' (near the soft limit or any throttle bit now): one rung down; 'critical': two."""
     cands = [Candidate(model="m", quant=q, estimate_bytes=100 * MiB) for q in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")]
-    decision = choose(cands, 1000 * MiB, thermal=thermal)
+    decision = choose(cands, 1000 * MiB, conditions=conditions)
     assert decision.cap_steps == steps
     assert decision.require().quant == ("Q8_0", "Q6_K", "Q5_K_M")[steps]
 
@@ -213,16 +236,42 @@ def test_thermal_state_caps_quality_by_steps(thermal: ThermalState | None, steps
 def test_cap_never_goes_below_the_floor() -> None:
     """When the cap would cross the floor, the lowest quant at or above it is kept."""
     cands = [Candidate(model="m", quant=q, estimate_bytes=100 * MiB) for q in ("Q3_K_S", "Q2_K")]
-    hot = ThermalState(temperature_c=90, soft_limit_c=80, hard_limit_c=85)
-    assert choose(cands, 1000 * MiB, thermal=hot).require().quant == "Q3_K_S"
+    assert choose(cands, 1000 * MiB, conditions=_cond(90)).require().quant == "Q3_K_S"
 
 
-def test_low_battery_while_discharging_steps_down() -> None:
-    """15 % and discharging: one rung down; charging or above 20 %: no change."""
+@pytest.mark.parametrize(
+    ("battery", "quant"),
+    [
+        (_battery(15, discharging=True), "Q6_K"),
+        (_battery(20, discharging=True), "Q6_K"),  # at battery_low_percent: low (was: only below 20)
+        (_battery(20.5, discharging=True), "Q8_0"),
+        (_battery(5, discharging=True), "Q6_K"),  # critical counts one rung, like low
+        (_battery(15, discharging=False), "Q8_0"),
+        (_battery(50, discharging=True), "Q8_0"),
+        (None, "Q8_0"),
+    ],
+)
+def test_low_battery_while_discharging_steps_down(battery: BatteryReading | None, quant: str) -> None:
+    """At or below 20 % and discharging: one rung down; charging, above 20 % or no battery: no change."""
     cands = [Candidate(model="m", quant=q, estimate_bytes=100 * MiB) for q in ("Q8_0", "Q6_K")]
-    assert choose(cands, 10**10, battery=BatteryState(percent=15, discharging=True)).require().quant == "Q6_K"
-    assert choose(cands, 10**10, battery=BatteryState(percent=15, discharging=False)).require().quant == "Q8_0"
-    assert choose(cands, 10**10, battery=BatteryState(percent=50, discharging=True)).require().quant == "Q8_0"
+    assert choose(cands, 10**10, conditions=_cond(battery=battery)).require().quant == quant
+
+
+@pytest.mark.parametrize(
+    ("conditions", "extra", "steps"),
+    [
+        (_cond(78), 1, 1),  # the live cap answers the same heat: counted once
+        (_cond(78), 2, 2),
+        (_cond(60), 1, 1),  # a cap for memory pressure, no heat
+        (_cond(84), 1, 2),  # critical heat weighs more than the live cap
+        (_cond(78, battery=_battery(10, discharging=True)), 0, 2),  # heat and battery add up
+        (_cond(86, battery=_battery(10, discharging=True)), 0, 2),  # never beyond max_cap_steps
+    ],
+)
+def test_the_live_cap_and_the_conditions_count_once(conditions: Conditions, extra: int, steps: int) -> None:
+    """The adaptation policy's cap and the conditions' heat/battery steps: the larger counts, not the sum."""
+    cands = [Candidate(model="m", quant=q, estimate_bytes=100 * MiB) for q in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")]
+    assert choose(cands, 1000 * MiB, conditions=conditions, extra_cap_steps=extra).cap_steps == steps
 
 
 # -------------------------------------------------------------------------------- the real boards
@@ -249,8 +298,8 @@ def test_board_scenarios(  # noqa: PLR0917 -- one parameter per table column
     """What a board picks for the Gemma 1B > Gemma 270M > SmolLM2 135M preference list at n_ctx 2048."""
     board = next(b for b in _profiles() if b["name"] == board_name)
     available = (avail if avail is not None else board["typical_available_mb"][str(ram)]) * MiB
-    thermal = ThermalState(temperature_c=temp, soft_limit_c=board["soft_temp_c"], hard_limit_c=board["hard_temp_c"])
-    decision = choose(_candidates(), make_budget(available), thermal=thermal, prefer=PREFER)
+    hot = _cond(temp, board["soft_temp_c"], board["hard_temp_c"])
+    decision = choose(_candidates(), make_budget(available), conditions=hot, prefer=PREFER)
     chosen = decision.require()
     assert (chosen.model, chosen.quant) == (model, quant), "\n".join(decision.explain())
 
@@ -261,8 +310,8 @@ def test_every_board_gets_a_sound_decision(board: dict[str, Any], ram: int, avai
     """On every board size and temperature: the choice fits, nothing better fits unless capped, heat never helps."""
     cands = _candidates()
     budget = make_budget(avail * MiB)
-    thermal = ThermalState(temperature_c=temp, soft_limit_c=board["soft_temp_c"], hard_limit_c=board["hard_temp_c"])
-    decision = choose(cands, budget, thermal=thermal, prefer=PREFER)
+    hot = _cond(temp, board["soft_temp_c"], board["hard_temp_c"])
+    decision = choose(cands, budget, conditions=hot, prefer=PREFER)
     cool = choose(cands, budget, prefer=PREFER)
     fitting = [c for c in cands if c.estimate_bytes <= budget.bytes]
     if not fitting:

@@ -20,10 +20,10 @@ import pytest
 from agent.adapt.policy import Action, CapQuant, Observation, SetThreads
 from agent.adapt.settings import AdaptSettings
 from agent.catalog.fit import Budget, Candidate, FitDecision, make_budget
-from agent.catalog.planner import DeviceConditions
 from agent.control import DaemonControl
 from agent.engine.llama import LoadedModel
 from agent.errors import CancelledError, ModelUnavailableError
+from agent.hardware.conditions import Conditions, Memory, make_conditions
 from agent.services.adaptation import Adaptation
 from agent.services.inference import InferenceService
 from agent.services.model import ModelOwner
@@ -125,11 +125,11 @@ class FakePlanner:
     def __post_init__(self) -> None:
         self.gate.set()
 
-    def plan(self, name: str, conditions: DeviceConditions, *, n_ctx: int | None, n_batch: int, quant: str | None,
+    def plan(self, name: str, conditions: Conditions, *, n_ctx: int | None, n_batch: int, quant: str | None,
              extra_cap_steps: int) -> FakePlan:
         tag = quant or LADDER[min(extra_cap_steps, len(LADDER) - 1)]
         candidate = Candidate(model=name, quant=tag, estimate_bytes=ESTIMATE[tag], file=f"{tag}.gguf")
-        budget: Budget = make_budget(conditions.available_bytes)
+        budget: Budget = make_budget(conditions.memory.available_bytes)
         return FakePlan(name, n_ctx or 2048, FitDecision(chosen=candidate, budget=budget, verdicts=()))
 
     def ensure_present(self, plan: FakePlan) -> Pulled:
@@ -181,7 +181,10 @@ def harness() -> Iterator[Harness]:
     owner = ModelOwner(
         ModelSettings(name="tiny"),
         planner=lambda: planner,  # type: ignore[arg-type,return-value]
-        conditions=lambda: DeviceConditions(available_bytes=memory["available"]),
+        conditions=lambda: make_conditions(
+            temperature_c=None, flags=frozenset(), battery=None, memory=Memory(available_bytes=memory["available"]),
+            soft_limit_c=80.0, hard_limit_c=85.0, cfg=AdaptSettings(),
+        ),
         emit=lambda kind, reason, numbers: events.append((kind, reason)),
         engine_factory=engines,
     )
