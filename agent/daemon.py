@@ -506,11 +506,11 @@ class Daemon:
         return probe_device(hw.sys_root, hw.proc_root, models_dir)
 
     def conditions(self) -> Any:
-        from agent.catalog.planner import DeviceConditions  # noqa: PLC0415 - needs the Hub client's module
+        from agent.hardware.conditions import device_conditions  # noqa: PLC0415
 
         snap = self._probe()
         limits = self._limits or board_limits(snap, self.settings.adapt)
-        return DeviceConditions.from_snapshot(snap, soft_limit_c=limits.soft_c, hard_limit_c=limits.hard_c)
+        return device_conditions(snap, soft_limit_c=limits.soft_c, hard_limit_c=limits.hard_c, cfg=self.settings.adapt)
 
     def _tick(self) -> None:
         snap = self._probe()
