@@ -28,24 +28,13 @@ from agent.catalog.hub import (
     resolve_token,
 )
 from agent.catalog.quants import normalize_tag
-from agent.config.adapt import AdaptSettings
 from agent.errors import ConfigError, ModelUnavailableError
-from agent.hardware.conditions import Conditions, device_conditions
-from agent.hardware.snapshot import DeviceSnapshot
+from agent.hardware.conditions import Conditions
 from agent.settings import ModelSettings, Settings
 
 log = structlog.get_logger("agent.planner")
 
 MAX_HEADER_BYTES = 64 * 2**20  # a header larger than this is not a model we can serve on a board
-
-
-class DeviceConditions:
-    """Transitional: the daemon's old call site until it builds :func:`device_conditions` itself."""
-
-    @staticmethod
-    def from_snapshot(snap: DeviceSnapshot, *, soft_limit_c: float, hard_limit_c: float) -> Conditions:
-        cfg = AdaptSettings.model_validate({})
-        return device_conditions(snap, soft_limit_c=soft_limit_c, hard_limit_c=hard_limit_c, cfg=cfg)
 
 
 def configured_n_ctx(model: ModelSettings) -> int | None:
