@@ -26,17 +26,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from agent import __version__
-from agent.adapt.settings import ThermalLimits, board_limits
 from agent.control import DaemonControl, run_logged
 from agent.engine.llama import LoadedModel
 from agent.errors import AgentError, ConfigError
 from agent.fleet.service import FleetService
-from agent.hardware.probe import CpuPercentSampler, probe_device
+from agent.hardware.probe import CpuPercentSampler
 from agent.logs import configure_logging
 from agent.services.adaptation import Adaptation
 from agent.services.bulkhead import Bulkhead
+from agent.services.device import DeviceReader
 from agent.services.inference import InferenceService
 from agent.services.model import ModelOwner, planner_for
+from agent.services.model_start import resolve_start_model
 from agent.services.offload import CloudRelay
 from agent.services.router import Router
 from agent.services.status import StatusService
@@ -46,11 +47,9 @@ from agent.settings import Settings, fleet_overrides_path
 from agent.transport.failover import FailoverLink
 from agent.transport.mqtt import Connected, Disconnected, Incoming, LinkEvent, MqttLink
 from agent.transport.topics import DeviceTopics
-from agent.transport.wire import PullProgress
 
 if TYPE_CHECKING:
     from agent.config.telemetry import TelemetrySettings
-    from agent.hardware.snapshot import DeviceSnapshot
 
 log = structlog.get_logger("agent.daemon")
 
@@ -139,9 +138,10 @@ class Daemon:
         self._tick: TelemetryTick | None = None
         self._test_hooks = False
         self._fleet: FleetService | None = None
-        self._limits: ThermalLimits | None = None
+        self.device = DeviceReader(lambda: self.settings)
         # Lambdas: the status service is made next, with the owner (the owner reports through it).
-        self.model = ModelOwner(settings.model, planner=planner_for(lambda: self.settings), conditions=self.conditions,
+        self.model = ModelOwner(settings.model, planner=planner_for(lambda: self.settings),
+                                conditions=self.device.conditions,
                                 emit=lambda kind, reason, numbers: self.status.emit_event(kind, reason, numbers),  # noqa: PLW0108
                                 on_switched=lambda: self.status.publish())  # noqa: PLW0108
         self.status = StatusService(
@@ -187,8 +187,7 @@ class Daemon:
         ``pulling`` with progress → ``loading`` → ``online``) during a first pull that may take
         minutes; requests and commands that arrive meanwhile wait in the event queue.
         """
-        snapshot = self.status.snapshot = self._probe()
-        self._limits = board_limits(snapshot, self.settings.adapt)
+        self.status.snapshot = self.device.first_probe()
         link = self._connect()
         model = self._load_model(link)
         if model is None:
@@ -204,7 +203,9 @@ class Daemon:
         """Plan, pull and load; None when a signal stopped the start. A failure is told on the status topic."""
         self._interruptible = True
         try:
-            model_path, n_ctx = self._resolve_model()
+            model_path, n_ctx = resolve_start_model(
+                self.model, self.settings.model, self.status, on_block=self._pump,
+                extend_timeout=getattr(self._notifier, "extend_timeout", None))
             self._pump()
             self.status.set_state("loading", note=f"loading model {model_path.name}")
             loaded = self.model.load_first(model_path, n_ctx)
@@ -227,7 +228,7 @@ class Daemon:
     def _start_serving(self, model: LoadedModel, link: FailoverLink) -> InferenceService:
         settings, status = self.settings, self.status
         assert self._fleet is not None
-        assert self._limits is not None
+        assert self.device.limits is not None
         adaptation = Adaptation(model.threads, self.model, catalog_name=lambda: catalog_target(self.settings),
                                 report=status.report_adaptation, post=self._events.put)
         service = InferenceService(self.model.engine, link, settings.inference,  # type: ignore[arg-type]
@@ -255,8 +256,8 @@ class Daemon:
             emit=status.emit_event, on_mode_change=status.publish,
         )
         self._tick = TelemetryTick(
-            settings=lambda: self.settings, probe=self._probe,
-            cpu_percent=CpuPercentSampler(settings.hardware.proc_root).sample, limits=self._limits,
+            settings=lambda: self.settings, probe=self.device.probe,
+            cpu_percent=CpuPercentSampler(settings.hardware.proc_root).sample, limits=self.device.limits,
             adaptation=adaptation, model=self.model, service=service, router=router, status=status,
         )
         router.join()
@@ -441,76 +442,10 @@ class Daemon:
         else:
             self._notifier.status(f"serving on {infer} (reconnected)")
 
-    # -- model -------------------------------------------------------------------------------------
-
-    def _resolve_model(self) -> tuple[Path, int]:
-        """``[model] path`` as is; else the catalog entry ``[model] name``: probe → plan → pull (verified)."""
-        model = self.settings.model
-        if model.path is not None:
-            self.model.chosen(str(model.path), None, None)
-            return model.path, model.n_ctx
-        if not model.name:
-            raise ConfigError("set [model] path (a local GGUF file) or [model] name (a catalog entry)")
-        self.status.set_state("starting", note=f"planning {model.name}")
-        plan = self.model.make_plan(model.name, model.quant)
-        chosen = plan.decision.require()
-        log.info("model_chosen", model=model.name, quant=chosen.quant, file=chosen.file,
-                 estimate_bytes=chosen.estimate_bytes, budget_bytes=plan.decision.budget_bytes,
-                 explain=plan.decision.explain())
-        self.model.last_plan = plan.as_dict()
-        spec = f"{model.name}:{chosen.quant}"
-        last = {"status": 0.0, "extend": 0.0, "started": time.monotonic(), "pulled": 0.0}
-
-        def progress(done: int, total: int) -> None:
-            # Called per received block from the pull: throttled to one status a second.
-            now = time.monotonic()
-            self._pump()  # connected meanwhile: the status says so before the progress
-            if not last["pulled"]:
-                last["pulled"] = 1.0
-                self.status.emit_event("pull_started", "first_start", {"bytes_total": total})
-            if now - last["status"] < 1.0 and done < total:
-                return
-            last["status"] = now
-            percent = round(100.0 * done / total, 1) if total else 0.0
-            self.status.set_state("pulling", note=f"pulling {spec}: {done / 2**20:.1f} of {total / 2**20:.1f} MiB "
-                                  f"({percent:.0f}%)", progress=PullProgress(bytes_done=done, bytes_total=total,
-                                                                             percent=min(percent, 100.0)))
-            if now - last["extend"] >= 5.0:
-                # A first pull may take longer than TimeoutStartSec: tell systemd we are progressing.
-                last["extend"] = now
-                extend = getattr(self._notifier, "extend_timeout", None)
-                if extend is not None:
-                    extend(60.0)
-
-        try:
-            local = self.model.planner().ensure_present(plan, progress=progress)
-        except AgentError as exc:
-            self.status.emit_event("pull_failed", exc.code, {})
-            raise
-        if last["pulled"]:
-            self.status.emit_event("pull_finished", "first_start", {
-                "bytes": local.size, "seconds": round(time.monotonic() - last["started"], 1)})
-        self.model.chosen(model.name, chosen.quant, chosen.estimate_bytes)
-        return local.path, plan.n_ctx
-
     def service_or_raise(self) -> InferenceService:
         if self._service is None:
             raise ConfigError("the daemon is not serving yet")
         return self._service
-
-    # -- telemetry and live adaptation ---------------------------------------------------------------
-
-    def _probe(self) -> DeviceSnapshot:
-        hw = self.settings.hardware
-        models_dir = self.settings.model.path.parent if self.settings.model.path else None
-        return probe_device(hw.sys_root, hw.proc_root, models_dir)
-
-    def conditions(self) -> Any:
-        from agent.hardware.conditions import device_conditions  # noqa: PLC0415
-
-        snap = self._probe()
-        limits = self._limits or board_limits(snap, self.settings.adapt)
-        return device_conditions(snap, soft_limit_c=limits.soft_c, hard_limit_c=limits.hard_c, cfg=self.settings.adapt)
 
     # -- fleet control hooks -----------------------------------------------------------------------
 
