@@ -239,7 +239,7 @@ def test_set_model_to_a_damaged_file_keeps_serving_the_previous_model_and_answer
             for reply in replies:
                 finals = c.collect(reply, timeout=60)
                 body = json.loads(finals[-1].payload)
-                assert body["usage"]["completion_tokens"] == 40, body
+                assert body.get("usage", {}).get("completion_tokens") == 40, body  # an error reply shows itself
             time.sleep(0.5)
             extra = [m for m in iter(lambda: None if c.messages.empty() else c.messages.get(), None)
                      if m.topic.startswith("test/reply/")]
