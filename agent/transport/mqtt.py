@@ -145,7 +145,6 @@ class MqttLink:
         will: tuple[str, bytes] | None = None,
         manual_ack: bool = False,
         persistent_session: bool = False,
-        on_connect_publish: Callable[[], None] | None = None,
         password_credential: str = "mqtt_password",  # noqa: S107 - a credential file name, not a secret
         name: str = "primary",
         resend_after_reconnect: bool = True,
@@ -156,7 +155,6 @@ class MqttLink:
         self._resend = resend_after_reconnect
         self._settings = settings
         self._on_event = on_event
-        self._on_connect_publish = on_connect_publish
         self._subscriptions: dict[str, int] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -373,11 +371,6 @@ class MqttLink:
             port=self._settings.port,
             session_present=session_present,
         )
-        if self._on_connect_publish is not None:
-            try:
-                self._on_connect_publish()
-            except Exception:  # an exception here would end paho's network thread: log it and go on
-                log.exception("on_connect_publish_failed", link=self.name)
         self._on_event(Connected(session_present=session_present))
 
     def _handle_subscribe(

@@ -20,7 +20,7 @@ from agent.config.fleet import FleetSettings
 from agent.errors import ModelUnavailableError
 from agent.fleet.service import FleetService
 from agent.settings import Settings
-from agent.transport.mqtt import Incoming, LinkEvent, MqttLink
+from agent.transport.mqtt import Connected, Incoming, LinkEvent, MqttLink
 from agent.transport.telemetry import Telemetry
 from tests.support.daemon import REPO
 
@@ -132,7 +132,6 @@ class SimDevice:
             self._on_event,
             will=(self.status_topic, self._status("offline")),
             manual_ack=True,
-            on_connect_publish=lambda: self.link.publish(self.status_topic, self._status("online"), retain=True),
         )
         self.fleet = FleetService(settings, self.control, self.link.publish, config_path, state_dir,
                                   ack=self.link.ack)
@@ -145,7 +144,9 @@ class SimDevice:
 
     def _on_event(self, event: LinkEvent) -> None:
         # Handled on paho's thread: the simulator has no main loop, and FleetService never blocks.
-        if isinstance(event, Incoming):
+        if isinstance(event, Connected):
+            self.link.publish(self.status_topic, self._status("online"), retain=True)  # on every (re)connect
+        elif isinstance(event, Incoming):
             self.fleet.handle(event)
 
     def start(self) -> SimDevice:
