@@ -1,4 +1,4 @@
-"""What fleet commands can do to a running daemon (the ``DeviceControl`` of agent.fleet.commands).
+"""What fleet commands can do to a running daemon (the ``DeviceControl`` of agent.fleet.service).
 
 Model changes are requests to the model owner (:class:`agent.services.model.ModelOwner`), which runs
 them one at a time between two generations; this module waits for the outcome and returns it as the
@@ -38,7 +38,7 @@ class Lifecycle(Protocol):
 
 
 class DaemonControl:
-    """Implements agent.fleet.commands.DeviceControl: model commands ask the owner, the rest the lifecycle."""
+    """Implements agent.fleet.service.DeviceControl: model commands ask the owner, the rest the lifecycle."""
 
     def __init__(self, model: ModelOwner, lifecycle: Lifecycle) -> None:
         self._model = model
