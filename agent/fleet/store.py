@@ -5,10 +5,8 @@ Both are :class:`JsonLru` journals under the state directory, best effort on a d
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
-import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any
 import structlog
 
 from agent.fleet.config_edit import atomic_write
+from agent.line_files import append_lines
 
 log = structlog.get_logger("agent.fleet")
 
@@ -143,25 +142,7 @@ class JsonLru:
 
     def _append(self, keys: list[str]) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        # Unbuffered, so a failed write leaves no pending bytes that a later close would still try to write.
-        fd = os.open(self._path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
-        try:
-            start = os.fstat(fd).st_size
-            # A torn last line (a crash, or a cut that could not be undone) stays a separate, skipped line.
-            torn = start > 0 and os.pread(fd, 1, start - 1) != b"\n"
-            data = memoryview(b"\n" * torn + b"".join(self._line(k, self._data[k]) for k in keys))
-            try:
-                while data:
-                    data = data[os.write(fd, data):]
-                os.fsync(fd)
-            except OSError:
-                # Cut a half-written line back off (truncating never needs space): the next start reads
-                # whole lines only, and the next append does not begin in the middle of one.
-                with contextlib.suppress(OSError):
-                    os.ftruncate(fd, start)
-                raise
-        finally:
-            os.close(fd)
+        append_lines(self._path, b"".join(self._line(k, self._data[k]) for k in keys))
         self._lines += len(keys)
 
     def _compact(self) -> None:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import structlog
 
+from agent.line_files import append_lines
+
 log = structlog.get_logger("agent.telemetry")
 
 BUFFER_FILE = "telemetry.jsonl"
@@ -97,7 +99,7 @@ class TelemetryBuffer:
             try:
                 if self.size_bytes() + len(line) + 1 > self._max_bytes:
                     self._compact(now=ts, room_for=len(line) + 1)
-                self._append_line(line)
+                append_lines(self._path, line)
             except OSError as exc:
                 self._write_failed(exc)
                 return False
@@ -144,26 +146,6 @@ class TelemetryBuffer:
 
     # -- internals (lock held) ---------------------------------------------------------------------
 
-    def _append_line(self, line: bytes) -> None:
-        # Unbuffered, so a failed write leaves no pending bytes that a later close would still try to write.
-        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        try:
-            start = os.fstat(fd).st_size
-            # A torn last line from a crash stays a separate (skipped) line.
-            data = memoryview((b"\n" if start > 0 and not self._ends_with_newline() else b"") + line)
-            try:
-                while data:
-                    data = data[os.write(fd, data) :]
-                os.fsync(fd)
-            except OSError:
-                # Cut a half-written record back off (truncating never needs space), so the file holds
-                # whole records only and the next append does not start in the middle of a line.
-                with contextlib.suppress(OSError):
-                    os.ftruncate(fd, start)
-                raise
-        finally:
-            os.close(fd)
-
     def _write_failed(self, exc: OSError) -> None:
         self._dropped += 1
         if self._failing is None:
@@ -186,11 +168,6 @@ class TelemetryBuffer:
             # needs no space. If even that fails the records stay and are replayed again (at-least-once).
             with contextlib.suppress(OSError):
                 os.truncate(self._path, 0)
-
-    def _ends_with_newline(self) -> bool:
-        with self._path.open("rb") as f:
-            f.seek(-1, os.SEEK_END)
-            return f.read(1) == b"\n"
 
     def _read(self, now: float) -> list[Buffered]:
         try:

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from agent import line_files
 from agent.errors import ConfigError
-from agent.fleet import store
 from agent.fleet.service import FleetService
 from agent.fleet.signing import load_private_key, sign_payload, write_keypair
 from agent.fleet.store import JsonLru, NonceCache
@@ -589,7 +589,8 @@ def test_store_appends_after_a_torn_last_line_without_losing_the_new_entry(tmp_p
 
 
 class DiskFull:
-    """Stands in for ``os`` in agent.fleet.store: after ``room`` more bytes, writes fail with ENOSPC."""
+    """Stands in for ``os`` in agent.line_files (the journals' appends): after ``room`` more bytes, writes fail
+    with ENOSPC."""
 
     def __init__(self, room: int = 0) -> None:
         self.room = room
@@ -609,7 +610,7 @@ class DiskFull:
 def disk(monkeypatch: pytest.MonkeyPatch) -> DiskFull:
     """The fleet journals' disk, with plenty of room until a test sets ``room``."""
     fake = DiskFull(room=1 << 30)
-    monkeypatch.setattr(store, "os", fake)
+    monkeypatch.setattr(line_files, "os", fake)
     return fake
 
 
