@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.broker import Broker
-from tests.support.daemon import Client, DaemonProcess, write_config
+from tests.support.daemon import Client, DaemonProcess, Daemons, write_config
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +36,7 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 @pytest.fixture
 def start_daemon(tmp_path: Path, broker: Broker, tiny_models: dict[str, Path]) -> Iterator:
     """Factory: write a config and start the real daemon; waits until it is online. Stops all at teardown."""
-    started: list[DaemonProcess] = []
+    daemons = Daemons()
 
     def _start(device_id: str = "dev1", model: str = "Q8_0", wait: bool = True, model_cfg: dict | None = None,
                **sections: dict) -> DaemonProcess:
@@ -44,15 +44,10 @@ def start_daemon(tmp_path: Path, broker: Broker, tiny_models: dict[str, Path]) -
             sections["model"] = model_cfg
         config = write_config(tmp_path / f"{device_id}.toml", port=broker.port, model_file=tiny_models[model],
                               device_id=device_id, **sections)
-        d = DaemonProcess(config=config, workdir=tmp_path).start()
-        started.append(d)
-        if wait:
-            d.wait_event("agent_started", timeout=60)
-        return d
+        return daemons.start(DaemonProcess(config=config, workdir=tmp_path), wait=wait)
 
     yield _start
-    for d in started:
-        d.stop()
+    daemons.stop_all()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.support.broker import Broker
-from tests.support.daemon import DaemonProcess, write_config
+from tests.support.daemon import DaemonProcess, Daemons, write_config
 from tests.support.netns import NetNs, NetNsDaemon, unavailable
 
 
@@ -38,7 +38,7 @@ def netns() -> Iterator[NetNs]:
 def daemons(tmp_path: Path, tiny_models: dict[str, Path]) -> Iterator[Callable[..., DaemonProcess]]:
     """Factory: start the real daemon on tiny model ``gguf`` (inside ``netns`` if given), wait until it serves;
     all are stopped afterwards. ``[model]`` defaults to n_ctx 1024 and one thread (two cores, shared)."""
-    started: list[DaemonProcess] = []
+    daemons = Daemons()
 
     def _start(port: int, *, device_id: str = "dev1", gguf: str = "slow", host: str = "127.0.0.1",
                netns: NetNs | None = None, top: dict[str, Any] | None = None, env: dict[str, str] | None = None,
@@ -49,14 +49,10 @@ def daemons(tmp_path: Path, tiny_models: dict[str, Path]) -> Iterator[Callable[.
                               device_id=device_id, top=top, **sections)  # fmt: skip
         d: DaemonProcess
         if netns is not None:
-            d = NetNsDaemon(config=config, workdir=tmp_path, env=env or {}, netns=netns.name).start()
+            d = NetNsDaemon(config=config, workdir=tmp_path, env=env or {}, netns=netns.name)
         else:
-            d = DaemonProcess(config=config, workdir=tmp_path, env=env or {}).start()
-        started.append(d)
-        if wait:
-            d.wait_event("agent_started", timeout=90)
-        return d
+            d = DaemonProcess(config=config, workdir=tmp_path, env=env or {})
+        return daemons.start(d, wait=wait, timeout=90)
 
     yield _start
-    for d in started:
-        d.stop()
+    daemons.stop_all()

@@ -23,7 +23,7 @@ import pytest
 from agent.services.bulkhead import TEST_CRASH_EXIT, TEST_CRASH_MARKER, TEST_RAISE_MARKER
 from agent.services.quarantine import QUARANTINE_AFTER
 from tests.support.broker import Broker
-from tests.support.daemon import Client, DaemonProcess, write_config
+from tests.support.daemon import Client, DaemonProcess, Daemons, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -111,20 +111,16 @@ def collect_until(client: Client, wanted: set[str], timeout: float, quiet: float
 @pytest.fixture
 def hooked_daemon(tmp_path: Path, broker: Broker, tiny_models: dict[str, Path]) -> Iterator[Any]:
     """Factory: the real daemon with EDGE_TEST_HOOKS=1, started and waited for until it serves."""
-    started: list[DaemonProcess] = []
+    daemons = Daemons()
     config = write_config(tmp_path / "dev1.toml", port=broker.port, model_file=tiny_models["Q8_0"],
                           telemetry={"interval_s": 1.0})
 
     def _start(*, wait: bool = True) -> DaemonProcess:
-        d = DaemonProcess(config=config, workdir=tmp_path, env={"EDGE_TEST_HOOKS": "1"}).start()
-        started.append(d)
-        if wait:
-            d.wait_event("agent_started", timeout=90)
-        return d
+        return daemons.start(DaemonProcess(config=config, workdir=tmp_path, env={"EDGE_TEST_HOOKS": "1"}),
+                             wait=wait, timeout=90)
 
     yield _start
-    for d in started:
-        d.stop()
+    daemons.stop_all()
 
 
 def wait_telemetry(client: Client, check: Callable[[dict[str, Any]], bool], timeout: float = 15.0) -> None:

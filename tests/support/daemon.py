@@ -128,6 +128,24 @@ class DaemonProcess:
                 self.kill()
 
 
+class Daemons:
+    """The daemons one test started: each started and (by default) waited for until it serves; all
+    stopped at the end of the test. The fixtures' factories share this bookkeeping."""
+
+    def __init__(self) -> None:
+        self.started: list[DaemonProcess] = []
+
+    def start(self, daemon: DaemonProcess, *, wait: bool = True, timeout: float = 60.0) -> DaemonProcess:
+        self.started.append(daemon.start())
+        if wait:
+            daemon.wait_event("agent_started", timeout=timeout)
+        return daemon
+
+    def stop_all(self) -> None:
+        for daemon in self.started:
+            daemon.stop()
+
+
 class Client:
     """A real paho client for tests: MQTT 5 with Response Topic, or 3.1.1 with ``reply_to``."""
 
