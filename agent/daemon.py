@@ -6,8 +6,9 @@ within the grace period, answer queued requests 'cancelled', publish 'offline');
 at once. The daemon only runs the lifecycle; the jobs are services it wires together and calls:
 :class:`~agent.services.router.Router` (where each message goes, the fleet share, offload),
 :class:`~agent.services.status.StatusService` (retained status, STATUS=, events),
-:class:`~agent.services.telemetry_tick.TelemetryTick` (probe, adaptation, telemetry), the model owner and
-:class:`~agent.fleet.service.FleetService`.
+:class:`~agent.services.telemetry_tick.TelemetryTick` (probe, adaptation, telemetry), wired together by
+:func:`~agent.services.serving.build_serving`; the model owner (start-up's first model:
+:func:`~agent.services.model_start.resolve_start_model`) and :class:`~agent.fleet.service.FleetService`.
 """
 
 from __future__ import annotations
@@ -30,19 +31,14 @@ from agent.control import DaemonControl, run_logged
 from agent.engine.llama import LoadedModel
 from agent.errors import AgentError, ConfigError
 from agent.fleet.service import FleetService
-from agent.hardware.probe import CpuPercentSampler
 from agent.logs import configure_logging
-from agent.services.adaptation import Adaptation
-from agent.services.bulkhead import Bulkhead
 from agent.services.device import DeviceReader
 from agent.services.inference import InferenceService
 from agent.services.model import ModelOwner, planner_for
 from agent.services.model_start import resolve_start_model
-from agent.services.offload import CloudRelay
-from agent.services.router import Router
+from agent.services.serving import Serving, build_serving
 from agent.services.status import StatusService
 from agent.services.telemetry_buffer import TelemetryBuffer
-from agent.services.telemetry_tick import TelemetryTick, catalog_target
 from agent.settings import Settings, fleet_overrides_path
 from agent.transport.failover import FailoverLink
 from agent.transport.mqtt import Connected, Disconnected, Incoming, LinkEvent, MqttLink
@@ -131,11 +127,8 @@ class Daemon:
         self._hang = False
         self._interruptible = False  # True while start-up (plan, pull, load) runs on the main thread
         self._exit_code = 0
-        self._service: InferenceService | None = None
+        self._serving: Serving | None = None  # once the model is loaded
         self._link: FailoverLink | None = None
-        self._router: Router | None = None
-        self._relay: CloudRelay | None = None
-        self._tick: TelemetryTick | None = None
         self._test_hooks = False
         self._fleet: FleetService | None = None
         self.device = DeviceReader(lambda: self.settings)
@@ -146,8 +139,8 @@ class Daemon:
                                 on_switched=lambda: self.status.publish())  # noqa: PLW0108
         self.status = StatusService(
             lambda: self.settings, self._topics, self.model, self._notifier,
-            mode=lambda: self._router.mode if self._router is not None else "local",
-            draining=lambda: self._router is not None and self._router.draining,
+            mode=lambda: self._serving.router.mode if self._serving is not None else "local",
+            draining=lambda: self._serving is not None and self._serving.router.draining,
             commands=lambda: self._fleet.policy if self._fleet is not None else None,
         )
         self.control = DaemonControl(self.model, self)
@@ -228,42 +221,12 @@ class Daemon:
     def _start_serving(self, model: LoadedModel, link: FailoverLink) -> InferenceService:
         settings, status = self.settings, self.status
         assert self._fleet is not None
-        assert self.device.limits is not None
-        adaptation = Adaptation(model.threads, self.model, catalog_name=lambda: catalog_target(self.settings),
-                                report=status.report_adaptation, post=self._events.put)
-        service = InferenceService(self.model.engine, link, settings.inference,  # type: ignore[arg-type]
-                                   settings.device_id, model.name)
-        self.model.attach(service)
-        service.served_by = "cloud" if settings.role == "cloud" else settings.device_id
-        self._service = service
-        if settings.cloud.enabled and settings.role == "edge":
-            self._relay = CloudRelay(settings.cloud, prefix=self._topics.prefix, device_id=settings.device_id,
-                                     on_tls_failed=lambda f: status.emit_event("cloud_tls_failed", f.reason, {}))
-        # Nothing one message does may stop the daemon: size/depth limits, quarantine, a catch-all.
-        bulkhead = Bulkhead(
-            link,
-            max_bytes=lambda: self.settings.inference.max_payload_bytes,
-            max_elements=lambda: self.settings.inference.max_json_elements,
-            state_dir=_writable_dir(settings.fleet.state_dir, "fleet"),
-            on_quarantine=lambda m, n: status.emit_event("message_quarantined", "crashed_while_handling",
-                                                         {"attempts": n, "bytes": len(m.payload)}),
-            test_hooks=self._test_hooks,  # EDGE_TEST_HOOKS=1: payload markers simulate crashes
+        serving = self._serving = build_serving(
+            settings=lambda: self.settings, model=model, owner=self.model, link=link, topics=self._topics,
+            commands=self._fleet, status=status, device=self.device, post=self._events.put,
+            state_dir=_writable_dir(settings.fleet.state_dir, "fleet"), test_hooks=self._test_hooks,
         )
-        router = self._router = Router(
-            topics=self._topics, link=link, service=service, commands=self._fleet, bulkhead=bulkhead,
-            policy=adaptation, cloud=settings.cloud, relay=self._relay,
-            cloud_infer=settings.cloud.shared_infer_topic(self._topics.prefix) if settings.role == "cloud" else None,
-            emit=status.emit_event, on_mode_change=status.publish,
-        )
-        self._tick = TelemetryTick(
-            settings=lambda: self.settings, probe=self.device.probe,
-            cpu_percent=CpuPercentSampler(settings.hardware.proc_root).sample, limits=self.device.limits,
-            adaptation=adaptation, model=self.model, service=service, router=router, status=status,
-        )
-        router.join()
-        service.start()
-        if self._relay is not None:
-            self._relay.start()
+        serving.start()
         self._pump()
         status.set_state("online", note=f"serving on {self._topics.infer}")
         if self._link_up:
@@ -277,7 +240,7 @@ class Daemon:
             infer_topic=self._topics.infer,
             start_s=round(time.monotonic() - status.started_mono, 2),
         )
-        return service
+        return serving.service
 
     def _shut_down(self, service: InferenceService, link: FailoverLink) -> None:
         settings = self.settings
@@ -285,13 +248,13 @@ class Daemon:
         log.info("agent_stopping", grace_s=settings.inference.shutdown_grace_s)
         # Leave the shared subscriptions first: the persistent session would otherwise keep its
         # share of fleet requests queued for us until we come back (or the session expires).
-        if self._router is not None:
-            self._router.leave()
+        if self._serving is not None:
+            self._serving.router.leave()
         service.shutdown(settings.inference.shutdown_grace_s)
         if self._fleet is not None:
             self._fleet.close(5.0)
-        if self._relay is not None:
-            self._relay.stop(5.0)
+        if self._serving is not None and self._serving.relay is not None:
+            self._serving.relay.stop(5.0)
         link.stop(final=self.status.final())
         self.model.close()
         log.info("agent_stopped", served=service.counters.served, failed=service.counters.failed,
@@ -357,9 +320,8 @@ class Daemon:
         last_ping = 0.0
         next_telemetry = time.monotonic() + 1.0
         next_expiry = 0.0
-        router, tick_telemetry = self._router, self._tick
-        assert router is not None
-        assert tick_telemetry is not None
+        assert self._serving is not None
+        router, tick_telemetry = self._serving.router, self._serving.tick
         held, self._held = self._held, []
         for message in held:  # arrived while starting, in order, before anything newer
             router.dispatch(message)
@@ -425,7 +387,7 @@ class Daemon:
         if isinstance(event, Connected):
             self._link_up = True
             self.status.connected()  # the status current now, HA discovery, then what was buffered offline
-            if self._service is not None:
+            if self._serving is not None:
                 self._serving_connected()
         elif isinstance(event, Disconnected):
             self._link_up = False
@@ -443,16 +405,16 @@ class Daemon:
             self._notifier.status(f"serving on {infer} (reconnected)")
 
     def service_or_raise(self) -> InferenceService:
-        if self._service is None:
+        if self._serving is None:
             raise ConfigError("the daemon is not serving yet")
-        return self._service
+        return self._serving.service
 
     # -- fleet control hooks -----------------------------------------------------------------------
 
     def set_draining(self, draining: bool) -> None:
         self.service_or_raise()
-        assert self._router is not None
-        self._router.set_draining(draining)  # leaves or rejoins the fleet's shared subscription
+        assert self._serving is not None
+        self._serving.router.set_draining(draining)  # leaves or rejoins the fleet's shared subscription
         self.status.publish()
 
     def request_restart(self) -> None:
@@ -475,4 +437,5 @@ class Daemon:
 
     def status_dict(self) -> dict[str, Any]:
         service = self.service_or_raise()
-        return self.status.describe(service, offloaded=self._router.offloaded if self._router is not None else 0)
+        assert self._serving is not None
+        return self.status.describe(service, offloaded=self._serving.router.offloaded)
