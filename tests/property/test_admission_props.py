@@ -15,7 +15,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -28,6 +27,7 @@ from agent.settings import InferenceSettings
 from agent.transport.mqtt import Incoming
 from tests.fuzz.payloads import MUTATORS, mutate, valid_request
 from tests.property.conftest import asked_reply_topics
+from tests.support.fake_link import RecordingLink
 
 INFER, CANCEL = "edge/dev1/infer", "edge/dev1/infer/cancel"
 
@@ -62,29 +62,6 @@ class FakeEngine:
 
     def close(self) -> None:
         return None
-
-
-class FakeLink:
-    def __init__(self) -> None:
-        self.connected = True
-        self.sent: list[tuple[str, dict[str, Any]]] = []
-        self.acked: list[int] = []
-        self._lock = threading.Lock()
-        self._listeners: list[Callable[[Incoming], None]] = []
-
-    def publish(self, topic: str, payload: bytes, **_: Any) -> None:
-        body = json.loads(payload)  # every reply must be JSON (and so encodable)
-        with self._lock:
-            self.sent.append((topic, body))
-
-    def ack(self, message: Incoming) -> None:
-        with self._lock:
-            self.acked.append(message.mid)
-        for listener in self._listeners:
-            listener(message)
-
-    def add_ack_listener(self, listener: Callable[[Incoming], None]) -> None:
-        self._listeners.append(listener)
 
 
 @dataclass(frozen=True)
@@ -127,8 +104,8 @@ def messages(draw: st.DrawFn, index: int) -> Spec:
 batches = st.integers(min_value=1, max_value=12).flatmap(lambda n: st.tuples(*(messages(i) for i in range(n))))
 
 
-def _deliver(specs: Sequence[Spec], *, max_queue: int, gated: bool) -> tuple[FakeLink, list[Incoming]]:
-    link, engine = FakeLink(), FakeEngine()
+def _deliver(specs: Sequence[Spec], *, max_queue: int, gated: bool) -> tuple[RecordingLink, list[Incoming]]:
+    link, engine = RecordingLink(), FakeEngine()
     settings = InferenceSettings(max_queue=max_queue, default_max_tokens=3, max_tokens_limit=4, stream_interval_ms=0)
     service = InferenceService(engine, link, settings, "dev1", "fake")  # type: ignore[arg-type]
     bulkhead = Bulkhead(link, max_bytes=lambda: settings.max_payload_bytes, state_dir=None)
@@ -154,7 +131,7 @@ def _deliver(specs: Sequence[Spec], *, max_queue: int, gated: bool) -> tuple[Fak
     return link, sent
 
 
-def _check(link: FakeLink, sent: list[Incoming]) -> None:
+def _check(link: RecordingLink, sent: list[Incoming]) -> None:
     acks = Counter(link.acked)
     assert all(acks[m.mid] == 1 for m in sent), f"acks per message: {[acks[m.mid] for m in sent]}"
     assert len(link.acked) == len(sent)

@@ -11,7 +11,7 @@ import random
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from agent.transport.mqtt import Incoming
 from agent.transport.topics import is_concrete_topic
 from tests.fuzz.payloads import MUTATORS, mutate, valid_command
 from tests.property.conftest import asked_reply_topics
+from tests.support.fake_link import RecordingLink
 from tests.support.fleet import FakeControl, make_settings
 
 NOW = 1_750_000_000.0
@@ -42,29 +43,9 @@ def _unique_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-class Link:
-    """Records publishes (decoded: every result must be JSON) and acknowledgements, like FailoverLink."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, dict[str, Any]]] = []
-        self.acked: list[int] = []
-        self._listeners: list[Callable[[Incoming], None]] = []
-
-    def publish(self, topic: str, payload: bytes, **_: Any) -> None:
-        self.sent.append((topic, json.loads(payload)))
-
-    def ack(self, message: Incoming) -> None:
-        self.acked.append(message.mid)
-        for listener in self._listeners:
-            listener(message)
-
-    def add_ack_listener(self, listener: Callable[[Incoming], None]) -> None:
-        self._listeners.append(listener)
-
-
 class Harness:
     def __init__(self, state: Path, **fleet: Any) -> None:
-        self.link = Link()
+        self.link = RecordingLink()
         self.control = FakeControl()
         self.service = FleetService(make_settings("dev1", ["blue"], **fleet), self.control, self.link.publish,
                                     state / "absent.toml", state / "fleet", ack=self.link.ack, clock=lambda: NOW)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from agent.errors import AgentError
 from agent.services.bulkhead import Bulkhead, QuarantinedError
 from agent.services.quarantine import FILE_NAME, QUARANTINE_AFTER, QuarantineStore, fingerprint
 from agent.transport.mqtt import Incoming
+from tests.support.fake_link import RecordingLink
 
 DEEP = b'{"id": "d", "prompt": ' + b"[" * 3000 + b"]" * 3000 + b"}"
 
@@ -24,26 +24,10 @@ def incoming(payload: bytes = b'{"id": "ok"}', *, topic: str = "edge/dev1/infer"
                     correlation_data=None, message_expiry_s=None, received_at=time.monotonic())
 
 
-class FakeLink:
-    """Records acknowledgements (by mid) and calls the ack listeners like FailoverLink does."""
-
-    def __init__(self) -> None:
-        self.acked: list[int] = []
-        self._listeners: list[Callable[[Incoming], None]] = []
-
-    def ack(self, message: Incoming) -> None:
-        self.acked.append(message.mid)
-        for listener in self._listeners:
-            listener(message)
-
-    def add_ack_listener(self, listener: Callable[[Incoming], None]) -> None:
-        self._listeners.append(listener)
-
-
 class Refusals:
     """A handler's refuse(): records the error, acknowledges, says whether it could answer."""
 
-    def __init__(self, link: FakeLink, *, answers: bool = True) -> None:
+    def __init__(self, link: RecordingLink, *, answers: bool = True) -> None:
         self.link = link
         self.answers = answers
         self.errors: list[AgentError] = []
@@ -54,9 +38,12 @@ class Refusals:
         return self.answers
 
 
+Parts = tuple[Bulkhead, RecordingLink, Refusals]
+
+
 @pytest.fixture
-def parts(tmp_path: Path) -> tuple[Bulkhead, FakeLink, Refusals]:
-    link = FakeLink()
+def parts(tmp_path: Path) -> Parts:
+    link = RecordingLink()
     return Bulkhead(link, max_bytes=lambda: 65_536, state_dir=tmp_path), link, Refusals(link)
 
 
@@ -69,7 +56,7 @@ def parts(tmp_path: Path) -> tuple[Bulkhead, FakeLink, Refusals]:
     ids=["3000-deep", "oversize"],
 )
 def test_payloads_over_the_limits_are_refused_before_the_handler(
-    parts: tuple[Bulkhead, FakeLink, Refusals], payload: bytes, code: str, reason: str
+    parts: Parts, payload: bytes, code: str, reason: str
 ) -> None:
     """Over-deep or oversize: the handler never runs, the sender is answered, the message acked once."""
     bulkhead, link, refuse = parts
@@ -88,7 +75,7 @@ def test_payloads_over_the_limits_are_refused_before_the_handler(
 def test_each_limit_is_counted_and_the_element_limit_is_read_per_message(tmp_path: Path) -> None:
     """Oversize, over-deep and over-many-elements payloads each move their own counter (answered or not),
     log their own reason, and a live change of max_elements applies to the next message."""
-    link, elements = FakeLink(), [4096]
+    link, elements = RecordingLink(), [4096]
     bulkhead = Bulkhead(link, max_bytes=lambda: 65_536, max_elements=lambda: elements[0], state_dir=tmp_path)
     refuse = Refusals(link)
     many = b'{"prompt": "x", "stop": [' + b"0," * 5000 + b"0]}"
@@ -110,7 +97,7 @@ def test_each_limit_is_counted_and_the_element_limit_is_read_per_message(tmp_pat
 
 def test_without_a_reply_address_a_refusal_is_a_counted_drop(tmp_path: Path) -> None:
     """When refuse() finds nobody to answer, the message is still acked and counted as dropped."""
-    link = FakeLink()
+    link = RecordingLink()
     bulkhead = Bulkhead(link, max_bytes=lambda: 100, state_dir=tmp_path)
     bulkhead.run(incoming(b"x" * 101), lambda m: None, Refusals(link, answers=False))
     assert link.acked == [1]
@@ -119,7 +106,7 @@ def test_without_a_reply_address_a_refusal_is_a_counted_drop(tmp_path: Path) -> 
 
 def test_the_size_limit_is_read_per_message(tmp_path: Path) -> None:
     """A live config change of the payload limit applies to the next message."""
-    link, limit = FakeLink(), [1000]
+    link, limit = RecordingLink(), [1000]
     bulkhead = Bulkhead(link, max_bytes=lambda: limit[0], state_dir=tmp_path)
     refuse = Refusals(link)
     bulkhead.run(incoming(b"x" * 500), lambda m: None, refuse)
@@ -133,7 +120,7 @@ def test_the_size_limit_is_read_per_message(tmp_path: Path) -> None:
     ids=["recursion", "memory", "value", "bug"],
 )
 def test_a_crashing_handler_becomes_an_internal_error_reply(
-    parts: tuple[Bulkhead, FakeLink, Refusals], exc: Exception
+    parts: Parts, exc: Exception
 ) -> None:
     """Any exception from the handler is answered 'internal', acked once, logged, and the next message runs."""
     bulkhead, link, refuse = parts
@@ -154,7 +141,7 @@ def test_a_crashing_handler_becomes_an_internal_error_reply(
     assert len(ok) == 1
 
 
-def test_a_handler_that_acked_before_it_crashed_is_not_acked_twice(parts: tuple[Bulkhead, FakeLink, Refusals]) -> None:
+def test_a_handler_that_acked_before_it_crashed_is_not_acked_twice(parts: Parts) -> None:
     """Exactly once: the bulkhead saw the handler's own ack, so it neither answers nor acks again."""
     bulkhead, link, refuse = parts
 
@@ -167,7 +154,7 @@ def test_a_handler_that_acked_before_it_crashed_is_not_acked_twice(parts: tuple[
     assert refuse.errors == []
 
 
-def test_a_failing_refuse_still_acks_once(parts: tuple[Bulkhead, FakeLink, Refusals]) -> None:
+def test_a_failing_refuse_still_acks_once(parts: Parts) -> None:
     """If even the error reply fails, the message is acknowledged by the bulkhead and counted dropped."""
     bulkhead, link, _ = parts
 
@@ -179,7 +166,7 @@ def test_a_failing_refuse_still_acks_once(parts: tuple[Bulkhead, FakeLink, Refus
     assert bulkhead.counters.dropped == 1
 
 
-def test_a_message_the_handler_does_not_take_is_acked(parts: tuple[Bulkhead, FakeLink, Refusals]) -> None:
+def test_a_message_the_handler_does_not_take_is_acked(parts: Parts) -> None:
     """handle() returning False (not a topic it serves, e.g. our own cmd/result echo) is acknowledged."""
     bulkhead, link, refuse = parts
     bulkhead.run(incoming(topic="edge/dev1/cmd/result"), lambda m: False, refuse)
@@ -190,7 +177,7 @@ def test_a_message_the_handler_does_not_take_is_acked(parts: tuple[Bulkhead, Fak
 # -- quarantine ----------------------------------------------------------------------------------
 
 
-def test_first_deliveries_touch_no_disk(parts: tuple[Bulkhead, FakeLink, Refusals], tmp_path: Path) -> None:
+def test_first_deliveries_touch_no_disk(parts: Parts, tmp_path: Path) -> None:
     """The normal path (no DUP flag) neither charges nor writes the store."""
     bulkhead, link, refuse = parts
     for mid in range(5):
@@ -199,7 +186,7 @@ def test_first_deliveries_touch_no_disk(parts: tuple[Bulkhead, FakeLink, Refusal
     assert not (tmp_path / FILE_NAME).exists()
 
 
-def test_a_redelivery_is_charged_and_forgotten_when_acked(parts: tuple[Bulkhead, FakeLink, Refusals],
+def test_a_redelivery_is_charged_and_forgotten_when_acked(parts: Parts,
                                                           tmp_path: Path) -> None:
     """A DUP message is charged (on disk) before it runs and removed from the store when acked."""
     bulkhead, link, refuse = parts
@@ -220,10 +207,10 @@ def test_a_message_that_keeps_crashing_the_agent_is_quarantined(tmp_path: Path) 
     message = incoming(b'{"id": "poison"}', dup=True)
     for _ in range(QUARANTINE_AFTER):
         # Each "run" of the daemon: a new Bulkhead over the same state dir, and the handler dies.
-        link = FakeLink()
+        link = RecordingLink()
         Bulkhead(link, max_bytes=lambda: 65_536, state_dir=tmp_path).run(message, lambda m: None, Refusals(link))
         assert link.acked == []
-    link = FakeLink()
+    link = RecordingLink()
     events: list[tuple[Incoming, int]] = []
     bulkhead = Bulkhead(link, max_bytes=lambda: 65_536, state_dir=tmp_path,
                         on_quarantine=lambda m, n: events.append((m, n)))
@@ -242,7 +229,7 @@ def test_a_message_that_keeps_crashing_the_agent_is_quarantined(tmp_path: Path) 
     assert QuarantineStore(tmp_path / FILE_NAME).attempts(fingerprint(message.topic, message.payload)) == 0
 
 
-def test_queued_work_is_charged_only_when_it_starts(parts: tuple[Bulkhead, FakeLink, Refusals],
+def test_queued_work_is_charged_only_when_it_starts(parts: Parts,
                                                     tmp_path: Path) -> None:
     """charge=False: a redelivered request waiting in the queue is not blamed until charge() at its start."""
     bulkhead, _, refuse = parts
@@ -256,7 +243,7 @@ def test_queued_work_is_charged_only_when_it_starts(parts: tuple[Bulkhead, FakeL
 
 def test_without_a_state_dir_the_bulkhead_still_protects(tmp_path: Path) -> None:
     """No writable state dir: quarantine is off, limits and the catch-all still work."""
-    link = FakeLink()
+    link = RecordingLink()
     bulkhead = Bulkhead(link, max_bytes=lambda: 65_536, state_dir=None)
     refuse = Refusals(link)
     bulkhead.run(incoming(DEEP, dup=True), lambda m: None, refuse)

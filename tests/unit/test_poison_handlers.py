@@ -17,6 +17,7 @@ from agent.errors import BadRequestError
 from agent.fleet.service import FleetService
 from agent.services.offload import CloudRelay, RelayOutcome
 from agent.transport.mqtt import Incoming, MqttLink
+from tests.support.fake_link import RecordingLink
 from tests.support.fleet import FakeControl, make_settings
 
 DEEP = b"[" * 3000 + b"]" * 3000
@@ -29,24 +30,12 @@ def incoming(topic: str, payload: bytes, *, mid: int = 1, response_topic: str | 
                     correlation_data=correlation, message_expiry_s=None, received_at=time.monotonic())
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, dict[str, Any]]] = []
-        self.acked: list[int] = []
-
-    def publish(self, topic: str, payload: bytes, **_: Any) -> None:
-        self.sent.append((topic, json.loads(payload)))
-
-    def ack(self, message: Incoming) -> None:
-        self.acked.append(message.mid)
-
-    def on(self, topic: str) -> list[dict[str, Any]]:
-        return [body for t, body in self.sent if t == topic]
+FleetParts = tuple[FleetService, FakeControl, RecordingLink]
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> tuple[FleetService, FakeControl, Sink]:
-    control, sink = FakeControl(), Sink()
+def fleet(tmp_path: Path) -> FleetParts:
+    control, sink = FakeControl(), RecordingLink()
     service = FleetService(make_settings("dev1"), control, sink.publish, None, tmp_path / "state", ack=sink.ack)
     return service, control, sink
 
@@ -54,7 +43,7 @@ def fleet(tmp_path: Path) -> tuple[FleetService, FakeControl, Sink]:
 # -- fleet commands --------------------------------------------------------------------------------
 
 
-def test_a_deep_command_is_refused_with_its_reply_to_read_safely(fleet: tuple[FleetService, FakeControl, Sink]) -> None:
+def test_a_deep_command_is_refused_with_its_reply_to_read_safely(fleet: FleetParts) -> None:
     """A 3,000-deep command is 'bad_request' on the result topic and at its reply_to, acked once."""
     service, _, sink = fleet
     payload = b'{"id": "c1", "args": ' + DEEP + b', "reply_to": "op/r"}'
@@ -65,7 +54,7 @@ def test_a_deep_command_is_refused_with_its_reply_to_read_safely(fleet: tuple[Fl
     assert sink.acked == [1]
 
 
-def test_refuse_answers_in_the_command_format_without_parsing(fleet: tuple[FleetService, FakeControl, Sink]) -> None:
+def test_refuse_answers_in_the_command_format_without_parsing(fleet: FleetParts) -> None:
     """The bulkhead's refuse() for commands: result topic plus the caller's address, and one ack."""
     service, _, sink = fleet
     payload = b'{"id": "big", "args": {"x": "' + b"y" * 100 + b'"}, "reply_to": "op/big"}'
@@ -80,7 +69,7 @@ def test_refuse_never_answers_a_sender_chosen_topic_when_signatures_are_required
     from agent.fleet.signing import write_keypair
 
     _, public = write_keypair(tmp_path / "keys")
-    sink = Sink()
+    sink = RecordingLink()
     service = FleetService(make_settings("dev1", public_key=str(public)), FakeControl(), sink.publish, None,
                            tmp_path / "state", ack=sink.ack)
     service.refuse(incoming("edge/dev1/cmd/ping", b'{"id": "x", "reply_to": "evil/t"}'), BadRequestError("no"))
@@ -89,7 +78,7 @@ def test_refuse_never_answers_a_sender_chosen_topic_when_signatures_are_required
     assert sink.acked == [1]
 
 
-def test_undecodable_command_still_answers_its_reply_to(fleet: tuple[FleetService, FakeControl, Sink]) -> None:
+def test_undecodable_command_still_answers_its_reply_to(fleet: FleetParts) -> None:
     """Invalid UTF-8 elsewhere in the payload: the top-level reply_to is still found (3.1.1 callers)."""
     service, _, sink = fleet
     service.handle(incoming("edge/dev1/cmd/ping", b'{"id": "u", "args": "\xff\xfe", "reply_to": "op/u"}'))
@@ -97,7 +86,7 @@ def test_undecodable_command_still_answers_its_reply_to(fleet: tuple[FleetServic
     assert (body["id"], body["error"]["code"]) == ("u", "bad_request")
 
 
-def test_a_crash_while_arriving_is_answered_and_acked(fleet: tuple[FleetService, FakeControl, Sink],
+def test_a_crash_while_arriving_is_answered_and_acked(fleet: FleetParts,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A bug before the command runs: 'internal' result, acknowledged (it used to stay unacked forever)."""
     service, _, sink = fleet
@@ -112,7 +101,7 @@ def test_a_crash_while_arriving_is_answered_and_acked(fleet: tuple[FleetService,
     assert sink.acked == [1]
 
 
-def test_a_crash_after_the_ack_is_not_acked_again(fleet: tuple[FleetService, FakeControl, Sink],
+def test_a_crash_after_the_ack_is_not_acked_again(fleet: FleetParts,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure after the command was answered and acknowledged does not answer or ack it twice."""
     service, _, sink = fleet
@@ -128,7 +117,7 @@ def test_a_crash_after_the_ack_is_not_acked_again(fleet: tuple[FleetService, Fak
     assert len(sink.on("op/p")) == 1
 
 
-def test_a_crash_on_the_command_worker_is_answered_and_acked(fleet: tuple[FleetService, FakeControl, Sink],
+def test_a_crash_on_the_command_worker_is_answered_and_acked(fleet: FleetParts,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A slow command whose result cannot even be stored: 'internal' to the caller, acked once, worker alive."""
     service, _, sink = fleet

@@ -22,6 +22,7 @@ from agent.services.request_limits import (
 from agent.settings import InferenceSettings
 from agent.transport.mqtt import Incoming
 from agent.transport.wire import InferRequest
+from tests.support.fake_link import RecordingLink
 
 SETTINGS = InferenceSettings()
 
@@ -193,21 +194,6 @@ class Engine:
         return GenerationResult("x", "length", len(prompt_tokens), 1, 0.001, 1000.0)
 
 
-class Link:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, dict[str, Any]]] = []
-        self.acked: list[int] = []
-
-    def publish(self, topic: str, payload: bytes, **_: Any) -> None:
-        self.sent.append((topic, json.loads(payload)))
-
-    def ack(self, message: Incoming) -> None:
-        self.acked.append(message.mid)
-
-    def finals(self, topic: str) -> list[dict[str, Any]]:
-        return [b for t, b in self.sent if t == topic and b.get("done")]
-
-
 _mid = iter(range(1, 10**6))
 
 
@@ -219,7 +205,7 @@ def message(body: dict[str, Any], reply: str, *, topic: str = "edge/dev1/infer")
 
 @pytest.fixture
 def service() -> Any:
-    engine, link = Engine(), Link()
+    engine, link = Engine(), RecordingLink()
     svc = InferenceService(engine, link, InferenceSettings(rate_per_client_per_s=1.0, rate_burst=2),  # type: ignore[arg-type]
                            "dev1", "fake")
     svc.start()
@@ -227,7 +213,7 @@ def service() -> Any:
     svc.shutdown(2.0)
 
 
-def wait_final(link: Link, topic: str) -> dict[str, Any]:
+def wait_final(link: RecordingLink, topic: str) -> dict[str, Any]:
     deadline = time.monotonic() + 5
     while not link.finals(topic) and time.monotonic() < deadline:
         time.sleep(0.005)
