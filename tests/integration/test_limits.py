@@ -7,7 +7,6 @@ limit's counter in the retained telemetry moves.
 from __future__ import annotations
 
 import json
-import queue
 import time
 from collections.abc import Callable
 from typing import Any
@@ -114,19 +113,7 @@ def test_over_limit_requests_are_refused_counted_and_the_daemon_keeps_serving(st
 
 def _finals(client: Client, topic: str, n: int, timeout: float = 60.0) -> list[dict[str, Any]]:
     """The first ``n`` final messages on ``topic`` (stream chunks skipped), in arrival order."""
-    got: list[dict[str, Any]] = []
-    deadline = time.monotonic() + timeout
-    while len(got) < n and time.monotonic() < deadline:
-        try:
-            m = client.messages.get(timeout=max(0.01, deadline - time.monotonic()))
-        except queue.Empty:
-            break
-        if m.topic != topic:
-            client.messages.put(m)
-            time.sleep(0.01)
-            continue
-        body = json.loads(m.payload)
-        if body.get("done"):
-            got.append(body)
+    got = [body for body in (json.loads(m.payload) for m in client.until_finals(topic, n, timeout))
+           if body.get("done")]
     assert len(got) == n, (topic, got)
     return got

@@ -203,9 +203,18 @@ class Client:
 
     def collect(self, reply_topic: str, timeout: float = 60.0) -> list[paho.MQTTMessage]:
         """Every message on ``reply_topic`` up to and including the final (``done``) one."""
+        got = self.until_finals(reply_topic, 1, timeout)
+        if not got or not json.loads(got[-1].payload).get("done"):
+            raise AssertionError(f"no final reply on {reply_topic} within {timeout}s; got {[x.payload for x in got]}")
+        return got
+
+    def until_finals(self, reply_topic: str, n: int, timeout: float = 60.0) -> list[paho.MQTTMessage]:
+        """Messages on ``reply_topic`` in arrival order until ``n`` finals (``done``) arrived or ``timeout``
+        passed; messages on other topics are put back for later."""
         got: list[paho.MQTTMessage] = []
+        finals = 0
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while finals < n and time.monotonic() < deadline:
             try:
                 m = self.messages.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
@@ -215,9 +224,8 @@ class Client:
                 time.sleep(0.01)
                 continue
             got.append(m)
-            if json.loads(m.payload).get("done"):
-                return got
-        raise AssertionError(f"no final reply on {reply_topic} within {timeout}s; got {[x.payload for x in got]}")
+            finals += bool(json.loads(m.payload).get("done"))
+        return got
 
     def retained(self, topic: str, timeout: float = 10.0, *, state: str | None = None) -> dict[str, Any]:
         """Wait for a (retained) message on ``topic``, optionally with a given ``state``."""
