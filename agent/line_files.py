@@ -7,8 +7,10 @@ Used by the fleet's result and nonce journals (:mod:`agent.fleet.store`) and the
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
+from typing import Any
 
 
 def append_lines(path: Path, data: bytes) -> None:
@@ -35,3 +37,8 @@ def append_lines(path: Path, data: bytes) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def write_error_fields(exc: OSError) -> dict[str, Any]:
+    """The log fields of a failed append, the same for every journal: ``error`` text and ``errno`` name."""
+    return {"error": exc.strerror or str(exc), "errno": errno.errorcode.get(exc.errno or 0, exc.errno)}

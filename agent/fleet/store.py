@@ -5,7 +5,6 @@ Both are :class:`JsonLru` journals under the state directory, best effort on a d
 
 from __future__ import annotations
 
-import errno
 import json
 import threading
 from collections import OrderedDict
@@ -15,7 +14,7 @@ from typing import Any
 import structlog
 
 from agent.fleet.config_edit import atomic_write
-from agent.line_files import append_lines
+from agent.line_files import append_lines, write_error_fields
 
 log = structlog.get_logger("agent.fleet")
 
@@ -129,8 +128,7 @@ class JsonLru:
             log.warning(
                 "fleet_state_write_failed",
                 path=str(self._path),
-                error=exc.strerror or str(exc),
-                errno=errno.errorcode.get(exc.errno or 0, exc.errno),
+                **write_error_fields(exc),
                 effect="commands still run; what they record is kept in memory only, so a restart before "
                 "the disk accepts writes again forgets it (free space where fleet.state_dir is)",
             )

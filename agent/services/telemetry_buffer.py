@@ -18,7 +18,6 @@ short is cut back off the file, so what is on disk stays whole records only.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import threading
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import structlog
 
-from agent.line_files import append_lines
+from agent.line_files import append_lines, write_error_fields
 
 log = structlog.get_logger("agent.telemetry")
 
@@ -154,8 +153,7 @@ class TelemetryBuffer:
             log.warning(
                 "telemetry_buffer_write_failed",
                 path=str(self._path),
-                error=exc.strerror or str(exc),
-                errno=errno.errorcode.get(exc.errno or 0, exc.errno),
+                **write_error_fields(exc),
                 effect="telemetry produced while the broker is unreachable is dropped until the disk accepts "
                 "writes again (free space where telemetry.buffer_dir is)",
             )
