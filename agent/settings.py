@@ -61,10 +61,37 @@ class ModelSettings(Section):
         "the model only accepts the plain 'prompt' form.",
     )
     seed: int = Field(-1, description="Sampling seed; -1 = random.")
+    kv_type: Literal["f16", "q8_0"] = Field(
+        "f16",
+        description="KV cache element type. q8_0 halves the cache (it needs flash attention, which is then "
+        "turned on); measure before choosing it (docs/performance.md).",
+    )
+    use_mmap: bool | None = Field(
+        None,
+        description="Map the model file instead of reading it. Unset: mapped unless most of its weights are "
+        "repacked for this CPU (then the mapped pages would be paid a second time; docs/fit.md).",
+    )
 
 
 class InferenceSettings(Section):
-    """Config ``[inference]``: admission, limits and replies. Every key applies live (fleet ``config-set``)."""
+    """Config ``[inference]``: admission, limits and replies. Every key applies live (fleet ``config-set``),
+    except ``parallel`` and ``max_parallel``, which size the loaded context and apply at the next model load."""
+
+    parallel: int | None = Field(
+        None, ge=1, le=64,
+        description="Requests decoded together on the loaded model (continuous batching; each slot holds "
+        "model.n_ctx tokens of KV cache). Unset: the fit decision picks the most slots the memory budget holds, "
+        "at most max_parallel. 1 = one request at a time. Applies at the next model load.",
+    )
+    max_parallel: int = Field(
+        4, ge=1, le=64,
+        description="The most slots the fit decision picks when 'parallel' is unset. Applies at the next model load.",
+    )
+    prefill_chunk: int = Field(
+        128, ge=8, le=65536,
+        description="Most prompt tokens of a waiting request evaluated in one step beside the running ones "
+        "(chunked prefill: a long prompt delays the others' next token by one chunk, not by its whole length).",
+    )
 
     max_queue: int = Field(
         8, ge=0, le=10_000,
