@@ -133,7 +133,8 @@ class Daemon:
         self._fleet: FleetService | None = None
         self.device = DeviceReader(lambda: self.settings)
         # Lambdas: the status service is made next, with the owner (the owner reports through it).
-        self.model = ModelOwner(settings.model, planner=planner_for(lambda: self.settings),
+        self.model = ModelOwner(settings.model, inference=lambda: self.settings.inference,
+                                planner=planner_for(lambda: self.settings),
                                 conditions=self.device.conditions,
                                 emit=lambda kind, reason, numbers: self.status.emit_event(kind, reason, numbers),  # noqa: PLW0108
                                 on_switched=lambda: self.status.publish())  # noqa: PLW0108

@@ -1,9 +1,12 @@
-"""Inference over MQTT: admit requests, run them one at a time, stream and answer, then acknowledge.
+"""Inference over MQTT: admit requests, decode them together in the engine's slots, stream and answer,
+then acknowledge.
 
 Threads: paho's network thread hands messages to the daemon's main thread, which calls
-:meth:`InferenceService.submit` / :meth:`cancel`; one worker thread owns the engine. A request's
-PUBLISH is acknowledged only after its final reply has been handed to paho, so a request that was
-in flight when the process died is redelivered by the broker (persistent session) and answered then.
+:meth:`InferenceService.submit` / :meth:`cancel`; one worker thread owns the engine. It fills free
+slots from the bounded queue (first come, first served) and steps the batch; each sequence answers
+when it ends. A request's PUBLISH is acknowledged only after its final reply has been handed to paho,
+so a request that was in flight when the process died is redelivered by the broker (persistent
+session) and answered then.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from agent.engine.llama import GenerationResult, LlamaEngine, SamplingParams
+from agent.engine.llama import GenerationResult, LlamaEngine, Outcome, SamplingParams
 from agent.errors import (
     ERROR_CODES,
     AgentError,
@@ -65,6 +68,7 @@ class Job:
     message: Incoming
     deadline: float | None
     cancel: threading.Event = field(default_factory=threading.Event)
+    started: float = 0.0  # monotonic, when it took a slot
 
 
 @dataclass(slots=True)
@@ -78,7 +82,7 @@ class Counters:
 
 
 class InferenceService:
-    """Admission, the single worker, replies, acknowledgements."""
+    """Admission, the worker that batches, replies, acknowledgements."""
 
     def __init__(
         self,
@@ -98,9 +102,10 @@ class InferenceService:
         self._rate = RateLimiter(settings.rate_per_client_per_s, settings.rate_burst)
         self._lock = threading.Lock()
         self._in_system = 0
-        self._current: Job | None = None
+        self._running: dict[str, Job] = {}  # by request id; only the worker adds and removes
         self._pending: dict[str, Job] = {}
-        self._controls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        self._controls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any], bool]] = queue.SimpleQueue()
+        self._drains_waiting = 0  # swaps waiting for the batch to drain (under _lock): admission pauses
         self._accepting = True
         self.draining = False
         self.served_by = device_id
@@ -133,14 +138,18 @@ class InferenceService:
     def model_name(self) -> str:
         return self._model_name
 
-    def between_requests(self, action: Callable[[], Any]) -> Future[Any]:
-        """Run ``action`` on the worker thread after the current generation, before the next queued one.
+    def between_requests(self, action: Callable[[], Any], *, drain: bool = True) -> Future[Any]:
+        """Run ``action`` on the worker thread between two decode steps.
 
-        This is how the engine is changed (threads, hot swap) without racing a generation: queued
-        requests simply wait, none is dropped.
+        ``drain`` (a model swap): no new request takes a slot until the running ones have finished, then
+        ``action`` runs on an idle engine; queued requests simply wait, none is dropped. Without ``drain``
+        (a thread change) it runs before the next step, running sequences pause for it.
         """
         future: Future[Any] = Future()
-        self._controls.put((action, future))
+        if drain:
+            with self._lock:
+                self._drains_waiting += 1
+        self._controls.put((action, future, drain))
         self._queue.wake()
         return future
 
@@ -158,7 +167,16 @@ class InferenceService:
 
     @property
     def busy(self) -> bool:
-        return self._current is not None
+        return bool(self._running)
+
+    @property
+    def running(self) -> int:
+        """Requests decoding now (at most the engine's slots)."""
+        return len(self._running)
+
+    @property
+    def slots(self) -> int:
+        return int(getattr(self._engine, "slots", 1))
 
     def submit(self, message: Incoming) -> None:
         """Validate and admit one request; anything wrong is answered (if possible) and acknowledged."""
@@ -350,9 +368,9 @@ class InferenceService:
                 self._pending.pop(queued.dedup_key, None)
             self._finish_error(queued, CancelledError("cancelled by the caller"))
             return
-        current = self._current
-        if current is not None and current.request_id == cancel.id:
-            current.cancel.set()
+        running = self._running.get(cancel.id)
+        if running is not None:
+            running.cancel.set()  # the worker ends it before its next token
             log.info("cancel_requested", id=cancel.id)
             return
         log.info("cancel_unknown", id=cancel.id)
@@ -369,67 +387,101 @@ class InferenceService:
         return len(expired)
 
     def shutdown(self, grace_s: float) -> None:
-        """Stop admitting, answer queued requests 'cancelled', give the running one ``grace_s``."""
+        """Stop admitting, answer queued requests 'cancelled', give the running ones ``grace_s``."""
         self._accepting = False
         for job in self._queue.close():
+            with self._lock:
+                self._in_system -= 1
             self._finish_error(job, CancelledError("the device is shutting down"))
         self._worker.join(grace_s)
-        current = self._current
-        if current is not None:
-            current.cancel.set()
-            self._worker.join(5.0)
+        for job in list(self._running.values()):
+            job.cancel.set()
+        self._worker.join(5.0)
 
     # -- worker thread -----------------------------------------------------------------------------
 
-    def _run_controls(self) -> None:
+    def _run_controls(self, *, idle: bool) -> None:
+        """Run waiting controls: all of them on an idle engine; only those that need no drain otherwise."""
+        deferred: list[tuple[Callable[[], Any], Future[Any], bool]] = []
         while True:
             try:
-                action, future = self._controls.get_nowait()
+                control = self._controls.get_nowait()
             except queue.Empty:
-                return
-            if not future.set_running_or_notify_cancel():
+                break
+            action, future, drain = control
+            if drain and not idle:
+                deferred.append(control)
                 continue
             try:
-                future.set_result(action())
-            except BaseException as exc:  # handed to the waiting caller
-                future.set_exception(exc)
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(action())
+                    except BaseException as exc:  # handed to the waiting caller
+                        future.set_exception(exc)
+            finally:
+                if drain:
+                    with self._lock:
+                        self._drains_waiting -= 1
+        for control in deferred:
+            self._controls.put(control)
 
     def _work(self) -> None:
         while True:
-            self._run_controls()
-            job = self._queue.take(timeout=1.0)
-            if job is None:
-                if not self._accepting:
-                    return
-                continue
-            self._current = job
-            try:
-                if self.before_run is not None:
-                    self.before_run(job.message)
-                self._run(job)
-            except AgentError as exc:
-                self._finish_error(job, exc)
-            except Exception as exc:  # the worker must survive anything one request does
-                log.exception("request_crashed", id=job.request_id)
-                self._finish_error(job, AgentError(f"internal error: {type(exc).__name__}"))
-            finally:
-                self._current = None
-                with self._lock:
-                    self._in_system -= 1
+            self._run_controls(idle=not self._running)
+            engine = self._engine  # a control may have swapped it
+            # Fill free slots from the queue (not while a swap waits for the batch to drain).
+            while not self._drains_waiting and _free_slots(engine, len(self._running)) > 0:
+                job = self._queue.take(timeout=0.0 if self._running else 1.0)
+                if job is None:
+                    break
+                self._begin(engine, job)
+            if self._running:
+                self._step(engine)
+            elif not self._accepting and not len(self._queue):
+                return
 
-    def _run(self, job: Job) -> None:
-        started = time.monotonic()
-        if job.deadline is not None and started >= job.deadline:
+    def _step(self, engine: LlamaEngine) -> None:
+        try:
+            engine.step()
+        except Exception as exc:  # the worker must survive anything the engine does; the batch is lost
+            log.exception("batch_crashed", running=len(self._running))
+            for job in list(self._running.values()):
+                self._end_job(job)
+                self._finish_error(job, AgentError(f"internal error: {type(exc).__name__}"))
+
+    def _begin(self, engine: LlamaEngine, job: Job) -> None:
+        """Give ``job`` a slot: check it, render and tokenize its prompt, start its sequence."""
+        job.started = time.monotonic()
+        self._running[job.request_id] = job
+        try:
+            if self.before_run is not None:
+                self.before_run(job.message)
+            self._start(engine, job)
+        except AgentError as exc:
+            self._end_job(job)
+            self._finish_error(job, exc)
+        except Exception as exc:  # the worker must survive anything one request does
+            log.exception("request_crashed", id=job.request_id)
+            self._end_job(job)
+            self._finish_error(job, AgentError(f"internal error: {type(exc).__name__}"))
+
+    def _end_job(self, job: Job) -> None:
+        if self._running.pop(job.request_id, None) is not None:
+            with self._lock:
+                self._in_system -= 1
+
+    def _start(self, engine: LlamaEngine, job: Job) -> None:
+        if job.deadline is not None and job.started >= job.deadline:
             raise DeadlineExceededError("the request's deadline passed while it waited in the queue")
         if job.cancel.is_set():
             raise CancelledError("cancelled by the caller")
         req = job.request
         settings = self._settings
         if req.messages is not None:
-            tokens = self._engine.tokenize_chat([m.model_dump() for m in req.messages])
+            tokens = engine.tokenize_chat([m.model_dump() for m in req.messages])
         else:
-            tokens = self._engine.tokenize_prompt(req.prompt or "")
-        info = self._engine.info
+            tokens = engine.tokenize_prompt(req.prompt or "")
+        info = engine.info
         violation = check_prompt(len(tokens), settings, info.n_ctx if info is not None else None)
         if violation is not None:  # before llama.cpp evaluates a single token of it
             self._count_limit(violation.limit)
@@ -468,12 +520,16 @@ class InferenceService:
             seq += 1
             last = now
 
-        result = self._engine.generate(
-            tokens, params, on_text if req.stream else _discard, job.cancel.is_set
-        )
-        if held:
-            publish(topic, chunk_payload(rid, seq, "".join(held)), qos=1, correlation_data=corr)
-        self._finish_ok(job, result, started)
+        def on_done(outcome: Outcome) -> None:
+            self._end_job(job)
+            if isinstance(outcome, AgentError):
+                self._finish_error(job, outcome)
+                return
+            if held:
+                publish(topic, chunk_payload(rid, seq, "".join(held)), qos=1, correlation_data=corr)
+            self._finish_ok(job, outcome, job.started)
+
+        engine.start(tokens, params, on_text if req.stream else _discard, on_done, job.cancel.is_set)
 
     # -- replies -----------------------------------------------------------------------------------
 
@@ -571,3 +627,8 @@ _WIRE_CODES = frozenset(ERROR_CODES)
 
 def _discard(_: str) -> None:
     return None
+
+
+def _free_slots(engine: LlamaEngine, running: int) -> int:
+    """Free slots of ``engine`` (an engine without slots, e.g. a test fake, has one)."""
+    return int(getattr(engine, "slots", 1)) - running

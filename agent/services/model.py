@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from agent.catalog.planner import Plan, Planner
     from agent.hardware.conditions import Conditions
     from agent.services.inference import InferenceService
-    from agent.settings import ModelSettings
+    from agent.settings import InferenceSettings, ModelSettings
 
 log = structlog.get_logger("agent.model")
 
@@ -51,7 +51,8 @@ class Engine(Protocol):
 
 class EngineFactory(Protocol):
     def __call__(
-        self, path: Path, *, n_ctx: int, threads: int, n_batch: int, chat_template: str | None, seed: int
+        self, path: Path, *, n_ctx: int, threads: int, n_batch: int, chat_template: str | None, seed: int,
+        parallel: int, use_mmap: bool | None, kv_type: str, prefill_chunk: int,
     ) -> Engine: ...
 
 
@@ -66,6 +67,7 @@ class ServingModel:
     quant: str | None = None
     estimate_bytes: int | None = None
     info: LoadedModel | None = None  # None until loaded
+    parallel: int = 1  # slots the fit decision (or [inference] parallel) gave it
 
 
 @dataclass(slots=True)
@@ -83,6 +85,7 @@ class ModelOwner:
         self,
         settings: ModelSettings,
         *,
+        inference: Callable[[], InferenceSettings] | None = None,
         planner: Callable[[], Planner],
         conditions: Callable[[], Conditions],
         emit: Emit,
@@ -90,6 +93,7 @@ class ModelOwner:
         engine_factory: EngineFactory = LlamaEngine,
     ) -> None:
         self._settings = settings
+        self._inference = inference
         self._make_planner = planner
         self._planner: Planner | None = None
         self._conditions = conditions
@@ -145,13 +149,23 @@ class ModelOwner:
 
     # -- start-up (main thread, before serving) -----------------------------------------------------
 
-    def chosen(self, key: str, quant: str | None, estimate_bytes: int | None) -> None:
-        """Record what start-up decided to serve, before it is loaded (the status shows it while loading)."""
-        self.serving = ServingModel(key=key, quant=quant, estimate_bytes=estimate_bytes)
+    def chosen(self, key: str, quant: str | None, estimate_bytes: int | None, *, parallel: int | None = None) -> None:
+        """Record what start-up decided to serve, before it is loaded (the status shows it while loading).
+
+        ``parallel``: the slots the fit decision gave it; unset = ``[inference] parallel`` or 1."""
+        self.serving = ServingModel(key=key, quant=quant, estimate_bytes=estimate_bytes,
+                                    parallel=self.slots(parallel))
+
+    def slots(self, planned: int | None) -> int:
+        """Slots for the next load: ``[inference] parallel`` when set, else what the plan chose, else 1."""
+        settings = self._inference() if self._inference is not None else None
+        if settings is not None and settings.parallel is not None:
+            return settings.parallel
+        return max(1, planned or 1)
 
     def load_first(self, path: Path, n_ctx: int) -> LoadedModel:
         """Build and load the first engine; raises what the engine raises."""
-        engine = self._build(path, n_ctx)
+        engine = self._build(path, n_ctx, self.serving.parallel)
         info = engine.load()
         self._engine, self._threads = engine, info.threads
         self.serving = replace(self.serving, info=info)
@@ -184,7 +198,7 @@ class ModelOwner:
             if info is not None:
                 self.serving = replace(self.serving, info=info)
 
-        return self._service_or_raise().between_requests(change)
+        return self._service_or_raise().between_requests(change, drain=False)
 
     def request_switch(self, name: str, quant: str | None, *, extra_cap_steps: int = 0) -> Future[dict[str, Any]]:
         """Queue a switch to catalog model ``name``: plan (the loaded model's memory counted as free), pull, swap.
@@ -248,8 +262,9 @@ class ModelOwner:
         side_by_side = chosen.estimate_bytes <= beside
         log.info("swap_budget", model=name, quant=chosen.quant, estimate_bytes=chosen.estimate_bytes,
                  budget_beside_bytes=beside, side_by_side=side_by_side)
-        result = self._swap(local.path, plan.n_ctx, ServingModel(name, chosen.quant, chosen.estimate_bytes),
-                            side_by_side=side_by_side)
+        slots = self.slots(getattr(plan, "parallel", None))
+        target = ServingModel(name, chosen.quant, chosen.estimate_bytes, parallel=slots)
+        result = self._swap(local.path, plan.n_ctx, target, side_by_side=side_by_side)
         return {"model": name, "quant": chosen.quant, "file": chosen.file, "changed": True, **result}
 
     def _budget_now(self) -> int:
@@ -260,7 +275,7 @@ class ModelOwner:
 
     def _swap(self, path: Path, n_ctx: int, target: ServingModel, *, side_by_side: bool) -> dict[str, Any]:
         service = self._service_or_raise()
-        new = self._build(path, n_ctx)
+        new = self._build(path, n_ctx, target.parallel)
         mode = "side_by_side" if side_by_side else "drain_swap"
         self._emit("swap_started", mode, {})
         started = time.monotonic()
@@ -317,11 +332,14 @@ class ModelOwner:
         service.replace_engine(new, new.info.name if new.info else (target.key or ""))  # type: ignore[arg-type]
         self.serving = replace(target, info=new.info)
 
-    def _build(self, path: Path, n_ctx: int) -> Engine:
+    def _build(self, path: Path, n_ctx: int, parallel: int) -> Engine:
         cfg = self._settings
         threads = self.serving.info.threads if self.serving.info else self._threads
+        inference = self._inference() if self._inference is not None else None
         return self._new_engine(path, n_ctx=n_ctx, threads=threads, n_batch=cfg.n_batch,
-                                chat_template=cfg.chat_template, seed=cfg.seed)
+                                chat_template=cfg.chat_template, seed=cfg.seed, parallel=parallel,
+                                use_mmap=cfg.use_mmap, kv_type=cfg.kv_type,
+                                prefill_chunk=inference.prefill_chunk if inference is not None else 128)
 
     def _service_or_raise(self) -> InferenceService:
         if self._service is None:

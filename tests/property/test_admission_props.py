@@ -27,17 +27,19 @@ from agent.settings import InferenceSettings
 from agent.transport.mqtt import Incoming
 from tests.fuzz.payloads import MUTATORS, mutate, valid_request
 from tests.property.conftest import asked_reply_topics
+from tests.support.fake_engine import OneSlotEngine
 from tests.support.fake_link import RecordingLink
 
 INFER, CANCEL = "edge/dev1/infer", "edge/dev1/infer/cancel"
 
 
-class FakeEngine:
+class FakeEngine(OneSlotEngine):
     """Tokenizes like llama.cpp does (UTF-8 encode first), generates ``max_tokens`` pieces of 'x'."""
 
     info = None  # no LoadedModel: the service leaves the context check to generate()
 
     def __init__(self) -> None:
+        super().__init__()
         self.gate = threading.Event()
         self.gate.set()
 

@@ -50,7 +50,8 @@ class Engines:
         self.load_delay_s = 0.0
 
     def __call__(self, path: Path, *, n_ctx: int, threads: int, n_batch: int, chat_template: str | None,
-                 seed: int) -> FakeEngine:
+                 seed: int, parallel: int = 1, use_mmap: bool | None = None, kv_type: str = "f16",
+                 prefill_chunk: int = 128) -> FakeEngine:
         engine = FakeEngine(self, path, n_ctx, threads or 4)
         self.built.append(engine)
         return engine

@@ -22,6 +22,7 @@ from agent.services.request_limits import (
 from agent.settings import InferenceSettings
 from agent.transport.mqtt import Incoming
 from agent.transport.wire import InferRequest
+from tests.support.fake_engine import OneSlotEngine
 from tests.support.fake_link import RecordingLink
 
 SETTINGS = InferenceSettings()
@@ -171,12 +172,13 @@ def test_rate_zero_is_off_and_configure_applies_live() -> None:
 # -- the service -------------------------------------------------------------------------------------
 
 
-class Engine:
+class Engine(OneSlotEngine):
     """Four tokens a prompt character; generates one 'x' per token; records what it was asked."""
 
     info = None
 
     def __init__(self) -> None:
+        super().__init__()
         self.generated: list[SamplingParams] = []
         self.gate = threading.Event()
         self.gate.set()
