@@ -97,7 +97,7 @@ class InferenceService:
         self._settings = settings
         self._device_id = device_id
         self._model_name = model_name
-        self._queue: BoundedQueue[Job] = BoundedQueue(capacity=settings.max_queue + 1)
+        self._queue: BoundedQueue[Job] = BoundedQueue(capacity=settings.max_queue + _slots_of(engine))
         self._recent = RecentKeys(settings.dedup_window_s)
         self._rate = RateLimiter(settings.rate_per_client_per_s, settings.rate_burst)
         self._lock = threading.Lock()
@@ -157,13 +157,19 @@ class InferenceService:
         """Worker thread only (inside a between_requests action): point at a new engine.
 
         The model owner (agent.services.model) is the only caller: it builds, loads and closes engines.
+        A new engine may have another number of slots: the admission bound follows.
         """
-        self._engine, self._model_name = new_engine, model_name
+        with self._lock:
+            self._engine, self._model_name = new_engine, model_name
+            self._queue.capacity = self._capacity()
 
     @property
     def saturated(self) -> bool:
-        """True when one more request would be refused 'overloaded' (running + max_queue waiting)."""
-        return self._in_system >= self._settings.max_queue + 1
+        """True when one more request would be refused 'overloaded' (every slot running + max_queue waiting)."""
+        return self._in_system >= self._capacity()
+
+    def _capacity(self) -> int:
+        return self._settings.max_queue + _slots_of(self._engine)
 
     @property
     def busy(self) -> bool:
@@ -176,7 +182,7 @@ class InferenceService:
 
     @property
     def slots(self) -> int:
-        return int(getattr(self._engine, "slots", 1))
+        return _slots_of(self._engine)
 
     def submit(self, message: Incoming) -> None:
         """Validate and admit one request; anything wrong is answered (if possible) and acknowledged."""
@@ -211,7 +217,7 @@ class InferenceService:
             self._finish_error(job, DeadlineExceededError("the request expired before it could start"))
             return
         with self._lock:
-            admitted = self._in_system < self._settings.max_queue + 1 and self._queue.offer(job)
+            admitted = self._in_system < self._capacity() and self._queue.offer(job)
             if admitted:
                 self._in_system += 1
                 self._pending[key] = job
@@ -267,7 +273,9 @@ class InferenceService:
         """Live config change: new limits apply to the next request (the queue bound and rate at once)."""
         with self._lock:
             self._settings = settings
-            self._queue.capacity = settings.max_queue + 1
+            self._queue.capacity = self._capacity()
+        if hasattr(self._engine, "prefill_chunk"):
+            self._engine.prefill_chunk = settings.prefill_chunk  # read by the worker at its next step
         self._recent._window = settings.dedup_window_s
         self._rate.configure(settings.rate_per_client_per_s, settings.rate_burst)
 
@@ -629,6 +637,10 @@ def _discard(_: str) -> None:
     return None
 
 
+def _slots_of(engine: LlamaEngine) -> int:
+    """Slots of ``engine`` (an engine without slots, e.g. a test fake, has one)."""
+    return int(getattr(engine, "slots", 1))
+
+
 def _free_slots(engine: LlamaEngine, running: int) -> int:
-    """Free slots of ``engine`` (an engine without slots, e.g. a test fake, has one)."""
-    return int(getattr(engine, "slots", 1)) - running
+    return _slots_of(engine) - running

@@ -69,11 +69,18 @@ class Decision:
     retry_after_ms: int | None = None  # for 'reject': tell the caller when to try again
 
 
-def expected_wait_ms(queue_depth: int, busy: bool, avg_request_ms: float | None) -> float | None:
-    """How long a request arriving now waits before it starts: one average request per one ahead of it."""
+def expected_wait_ms(queue_depth: int, running: int, slots: int, avg_request_ms: float | None) -> float | None:
+    """How long a request arriving now waits before it starts.
+
+    A free slot takes it at once. Otherwise it starts when a slot frees: slots free one average request
+    apart in turn, so it waits one average request (measured under the same batching, so per slot) for
+    each full round of ``slots`` requests ahead of it, the running ones included."""
     if avg_request_ms is None:
         return None
-    return (queue_depth + (1 if busy else 0)) * avg_request_ms
+    ahead = queue_depth + running
+    if ahead < slots:
+        return 0.0
+    return ((ahead - slots) // slots + 1) * avg_request_ms
 
 
 def should_offload(

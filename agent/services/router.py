@@ -165,7 +165,8 @@ class Router:
         waiting = service.queue_depth
         decision = should_offload(
             queue_depth=waiting,
-            expected_wait_ms=expected_wait_ms(waiting, service.busy, service.counters.avg_request_ms),
+            expected_wait_ms=expected_wait_ms(waiting, service.running, service.slots,
+                                              service.counters.avg_request_ms),
             deadline_ms=request.deadline_ms,
             flags=OffloadFlags(policy_offload=self._policy.offload, model_available=True,
                                overflowing=self.overflowing),

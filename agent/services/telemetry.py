@@ -40,6 +40,8 @@ class RuntimeView:
     mode: Mode
     uptime_s: float
     cpu_percent: float | None = None  # from agent.hardware.probe.CpuSampler, sampled once per tick
+    slots: int | None = None  # the loaded engine's (None before a model is loaded)
+    slots_busy: int = 0
     messages_rejected: int = 0  # agent.services.bulkhead.BulkheadCounters
     messages_dropped: int = 0
     messages_quarantined: int = 0
@@ -81,6 +83,8 @@ def build_telemetry(snapshot: DeviceSnapshot, runtime: RuntimeView) -> Telemetry
         quant=runtime.quant,
         threads=runtime.threads,
         queue_depth=runtime.queue_depth,
+        slots=runtime.slots,
+        slots_busy=runtime.slots_busy,
         tokens_per_second=None if runtime.tokens_per_second is None else round(runtime.tokens_per_second, 2),
         requests_served=runtime.requests_served,
         requests_failed=runtime.requests_failed,

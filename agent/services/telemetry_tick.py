@@ -75,6 +75,8 @@ class TelemetryTick:
             quant=self._model.serving.quant,
             threads=service.engine.info.threads if service.engine.info else None,
             queue_depth=service.queue_depth,
+            slots=service.slots if service.engine.info else None,
+            slots_busy=service.running,
             tokens_per_second=service.counters.last_tokens_per_second or None,
             requests_served=service.counters.served,
             requests_failed=service.counters.failed,

@@ -82,7 +82,9 @@ class Telemetry(_Wire):
     quant: str | None
     threads: int | None
     queue_depth: int
-    tokens_per_second: float | None = Field(description="Recent average decode rate.")
+    slots: int | None = Field(None, description="Requests the loaded model decodes together (continuous batching).")
+    slots_busy: int = Field(0, description="Requests decoding now (the rest of the queue waits in queue_depth).")
+    tokens_per_second: float | None = Field(description="Decode rate of the last finished request (per request).")
     requests_served: int
     requests_failed: int
     requests_offloaded: int

@@ -160,7 +160,8 @@ class Status(WireModel):
     model: str | None = None
     quant: str | None = None
     mode: Literal["local", "degraded", "offloading"] | None = None
-    n_ctx: int | None = None
+    n_ctx: int | None = Field(None, description="Context of each request (tokens).")
+    parallel: int | None = Field(None, description="Requests the loaded model decodes together (slots).")
     threads: int | None = None
     since: float | None = Field(None, description="Unix time this state began.")
     progress: PullProgress | None = Field(None, description="While 'pulling': bytes downloaded so far.")

@@ -40,7 +40,9 @@ def write_config(
         "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": "edge", "reconnect_min_s": 0.2,
                  "reconnect_max_s": 1.0},
         "model": {"path": str(model_file), "n_ctx": 1024, "threads": 2},
-        "inference": {"max_queue": 4, "shutdown_grace_s": 10.0},
+        # One slot unless a test asks for more: most daemon tests pin queueing (cancel a queued request,
+        # a full queue, a deadline passed while waiting), which needs requests to wait behind one another.
+        "inference": {"max_queue": 4, "shutdown_grace_s": 10.0, "parallel": 1},
         "log": {"level": "debug", "format": "json"},
         # Keep every daemon's state (fleet results journal, telemetry buffer) inside the test's tmp dir.
         "telemetry": {"buffer_dir": str(path.parent / f"state-{device_id}" / "telemetry")},

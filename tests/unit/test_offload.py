@@ -63,9 +63,18 @@ def test_overflow_hysteresis_over_a_queue_sequence_does_not_flap() -> None:
 
 def test_expected_wait_counts_the_running_request() -> None:
     """Wait = (queued + running) x average request time; unknown without an average."""
-    assert expected_wait_ms(2, True, 500.0) == 1500.0
-    assert expected_wait_ms(0, False, 500.0) == 0.0
-    assert expected_wait_ms(3, True, None) is None
+    assert expected_wait_ms(2, 1, 1, 500.0) == 1500.0
+    assert expected_wait_ms(0, 0, 1, 500.0) == 0.0
+    assert expected_wait_ms(3, 1, 1, None) is None
+
+
+def test_expected_wait_counts_rounds_of_slots() -> None:
+    """With four slots a request waits only when all are taken, then one average request per round ahead."""
+    assert expected_wait_ms(0, 3, 4, 800.0) == 0.0  # a slot is free
+    assert expected_wait_ms(0, 4, 4, 800.0) == 800.0  # all busy: the next to free is about a request away
+    assert expected_wait_ms(3, 4, 4, 800.0) == 800.0
+    assert expected_wait_ms(4, 4, 4, 800.0) == 1600.0
+    assert expected_wait_ms(8, 4, 4, 800.0) == 2400.0
 
 
 def test_cloud_settings_topics_and_link() -> None:

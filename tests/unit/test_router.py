@@ -74,6 +74,8 @@ class FakeService:
         self.saturated = False
         self.queue_depth = 0
         self.busy = False
+        self.running = 0
+        self.slots = 1
         self.draining = False
         self.counters = FakeCounters()
         self.router: Any = None

@@ -18,7 +18,7 @@ ISSUE_FIELDS = {
     "ts", "temperature_c", "zones", "throttled", "battery_percent", "battery_status", "power_w", "cpu_percent",
     "load_1m", "ram_available_bytes", "cgroup_memory_bytes", "disk_free_bytes", "model", "quant", "threads",
     "queue_depth", "tokens_per_second", "requests_served", "requests_failed", "requests_offloaded", "mode",
-    "uptime_s", "messages_rejected", "messages_dropped", "messages_quarantined", "limits",
+    "uptime_s", "messages_rejected", "messages_dropped", "messages_quarantined", "limits", "slots", "slots_busy",
 }  # fmt: skip
 LIMIT_KEYS = {
     "payload_bytes", "json_depth", "json_elements", "messages", "stop", "prompt_tokens", "rate_limited", "queue_full",

@@ -56,6 +56,8 @@ class FakeEngine:
 class FakeService:
     engine: FakeEngine = field(default_factory=FakeEngine)
     queue_depth: int = 3
+    slots: int = 4
+    running: int = 2
     counters: FakeCounters = field(default_factory=FakeCounters)
     limits: LimitCounters = field(default_factory=LimitCounters)
 
