@@ -243,6 +243,93 @@ def write_tiny_llama(
     return path
 
 
+# Gemma's post-attention and post-FFN norms rescale each layer's update to unit RMS before it joins the
+# residual stream; a small norm weight keeps those updates below the bias dimension (module docstring).
+_GEMMA_POST_NORM: Final[float] = 0.05
+
+
+def write_tiny_gemma3(
+    path: Path,
+    *,
+    tensor_type: str = "F32",
+    sliding_window: int = 32,
+    n_layer: int = 6,
+    n_embd: int = 64,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    n_ff: int = 128,
+    vocab_size: int = 512,
+    context_length: int = 2048,
+    chat_template: str | None = CHATML,
+    seed: int = 0,
+    name: str = "tiny-gemma3",
+) -> Path:
+    """Write a tiny random-weight Gemma 3 GGUF to ``path`` and return ``path``.
+
+    Like :func:`write_tiny_llama` (same tokenizer, exact-length replies, deterministic bytes), with Gemma 3's
+    sliding-window attention: llama.cpp makes every sixth layer global and the others attend to the last
+    ``sliding_window`` tokens, so the default six layers give it both caches, as in the real models.
+    ``sliding_window=0`` writes a Gemma 3 without a window (llama.cpp then uses global attention only).
+    """
+    if tensor_type not in _QTYPES:
+        raise ValueError(f"tensor_type must be one of {', '.join(TENSOR_TYPES)}, got {tensor_type!r}")
+    if n_embd % n_head != 0 or (n_embd // n_head) % 2 != 0:
+        raise ValueError(f"n_embd ({n_embd}) must split into n_head ({n_head}) heads of even size")
+    if n_head % n_head_kv != 0:
+        raise ValueError(f"n_head ({n_head}) must be a multiple of n_head_kv ({n_head_kv})")
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE}, got {vocab_size}")
+    if sliding_window < 0:
+        raise ValueError(f"sliding_window must be 0 (none) or positive, got {sliding_window}")
+    head_dim = n_embd // n_head
+    tensors = _random_weights(
+        np.random.default_rng(seed),
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        n_ff=n_ff,
+        vocab_size=vocab_size,
+    )
+    for i in range(n_layer):
+        blk = f"blk.{i}"
+        # llama.cpp's converter stores Gemma's RMSNorm weights with the +1 already added: 1.0 is identity.
+        tensors[f"{blk}.attn_q_norm.weight"] = np.ones(head_dim, dtype=np.float32)
+        tensors[f"{blk}.attn_k_norm.weight"] = np.ones(head_dim, dtype=np.float32)
+        tensors[f"{blk}.post_attention_norm.weight"] = np.full(n_embd, _GEMMA_POST_NORM, dtype=np.float32)
+        tensors[f"{blk}.post_ffw_norm.weight"] = np.full(n_embd, _GEMMA_POST_NORM, dtype=np.float32)
+    qtype = _QTYPES[tensor_type]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(path, "gemma3")
+    try:
+        writer.add_name(name)
+        writer.add_file_type(_FILE_TYPES[tensor_type])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_vocab_size(vocab_size)
+        writer.add_context_length(context_length)
+        writer.add_embedding_length(n_embd)
+        writer.add_block_count(n_layer)
+        writer.add_feed_forward_length(n_ff)
+        writer.add_head_count(n_head)
+        writer.add_head_count_kv(n_head_kv)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_rope_freq_base(1_000_000.0)
+        writer.add_layer_norm_rms_eps(1e-6)
+        writer.add_sliding_window(sliding_window)
+        _add_tokenizer(writer, vocab_size, chat_template)
+        for tensor_name, weights in tensors.items():
+            data, quantized = _encode(weights, qtype)
+            writer.add_tensor(tensor_name, data, raw_dtype=qtype if quantized else None)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return path
+
+
 def tiny_model_set(directory: Path, **kwargs: Any) -> dict[str, Path]:
     """Write one tiny model per tensor type into ``directory``; keys are the type names (``"Q4_0"``…).
 
