@@ -1,0 +1,414 @@
+"""The batching engine (agent/engine/llama.py) on real tiny GGUF files through llama-cpp-python.
+
+llama.cpp is not batch-invariant: a sequence decoded beside others may differ in the last bits from the
+same sequence decoded alone. Texts are therefore compared only between runs with the same batch
+composition (a single sequence against raw ``llama_cpp.Llama``, twins started in the same step);
+everything else is pinned by exact token counts, finish reasons, slots and what each step holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llama_cpp
+import pytest
+
+from agent.engine.llama import Generation, GenerationResult, LlamaEngine, Outcome, SamplingParams
+from agent.errors import BadRequestError, TooLargeError
+from tests.support.tiny_gguf import write_tiny_gemma3, write_tiny_llama
+
+pytestmark = [pytest.mark.integration]
+
+N_CTX = 256
+THREADS = 2
+WINDOW = 16  # the gemma3 model's sliding window, shorter than the prompts below
+PREFIX = "You are a terse assistant on a small device. Answer in one short line, and never apologise. "
+PROMPTS = (
+    "The quick brown fox jumps over the lazy dog",
+    "Sensor three reads forty degrees",
+    "hello world",
+    "Once upon a time in a quiet town",
+)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny llama files in two quant shapes (and one with 32-wide heads) and a tiny Gemma 3 with a sliding window."""
+    directory = tmp_path_factory.mktemp("batching-models")
+    return {
+        "Q4_0": write_tiny_llama(directory / "llama-q4_0.gguf", tensor_type="Q4_0"),
+        "Q8_0": write_tiny_llama(directory / "llama-q8_0.gguf", tensor_type="Q8_0"),
+        # A q8_0 KV cache needs head sizes that are whole q8_0 blocks (32); the default tiny heads are 16.
+        "heads32": write_tiny_llama(directory / "llama-heads32.gguf", tensor_type="Q8_0", n_embd=128, n_head=4),
+        "gemma3": write_tiny_gemma3(directory / "gemma3-q8_0.gguf", tensor_type="Q8_0", sliding_window=WINDOW),
+    }
+
+
+@pytest.fixture
+def engines() -> Iterator[Callable[..., LlamaEngine]]:
+    """Factory: a loaded engine on a model file; every engine is closed at teardown."""
+    made: list[LlamaEngine] = []
+
+    def _make(path: Path, **kwargs: object) -> LlamaEngine:
+        engine = LlamaEngine(path, n_ctx=kwargs.pop("n_ctx", N_CTX), threads=THREADS, **kwargs)  # type: ignore[arg-type]
+        engine.load()
+        made.append(engine)
+        return engine
+
+    yield _make
+    for engine in made:
+        engine.close()
+
+
+@dataclass
+class Seq:
+    """One request's callbacks: streamed chunks, its outcome, and a cancel switch."""
+
+    chunks: list[str] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
+    cancel: bool = False
+    gen: Generation | None = None
+
+    def start(self, engine: LlamaEngine, prompt: list[int], params: SamplingParams) -> Seq:
+        self.gen = engine.start(prompt, params, self.chunks.append, self.outcomes.append, lambda: self.cancel)
+        return self
+
+    @property
+    def done(self) -> bool:
+        return bool(self.outcomes)
+
+    @property
+    def result(self) -> GenerationResult:
+        assert len(self.outcomes) == 1, self.outcomes
+        outcome = self.outcomes[0]
+        assert isinstance(outcome, GenerationResult), outcome
+        return outcome
+
+    @property
+    def slot(self) -> int:
+        assert self.gen is not None
+        return self.gen.slot
+
+
+def greedy(max_tokens: int, stop: tuple[str, ...] = ()) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=stop)
+
+
+def drain(engine: LlamaEngine, limit: int = 5000) -> int:
+    """Step until no sequence runs; returns the number of steps."""
+    steps = 0
+    while engine.active:
+        assert engine.step() > 0, "a step with running sequences decoded nothing"
+        steps += 1
+        assert steps < limit
+    return steps
+
+
+def raw_greedy(path: Path, prompt: str, max_tokens: int, **kwargs: object) -> str:
+    """What llama-cpp-python's high-level Llama generates greedily for ``prompt`` on the same n_ctx."""
+    llm = llama_cpp.Llama(str(path), n_ctx=N_CTX, n_threads=THREADS, verbose=False, **kwargs)  # type: ignore[arg-type]
+    try:
+        out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)
+        return out["choices"][0]["text"]  # type: ignore[index]
+    finally:
+        llm.close()
+
+
+def alone(engine: LlamaEngine, prompt: str, max_tokens: int) -> GenerationResult:
+    """One sequence from start to end on ``engine`` with greedy sampling."""
+    return engine.generate(engine.tokenize_prompt(prompt), greedy(max_tokens), lambda _s: None, lambda: False)
+
+
+class TestSingleSequence:
+    """One sequence at a time behaves like llama-cpp-python's own Llama."""
+
+    @pytest.mark.parametrize("quant", ["Q4_0", "Q8_0"])
+    @pytest.mark.parametrize("parallel", [1, 4])
+    def test_greedy_output_equals_raw_llama(self, models, engines, quant: str, parallel: int) -> None:
+        """A single greedy sequence gives exactly the text and token count raw Llama gives on the same n_ctx."""
+        engine = engines(models[quant], parallel=parallel)
+        for prompt in PROMPTS[:2]:
+            result = alone(engine, prompt, 40)
+            assert result.completion_tokens == 40
+            assert result.finish_reason == "length"
+            assert result.text == raw_greedy(models[quant], prompt, 40)
+
+    def test_empty_prompt_is_a_bad_request(self, models, engines) -> None:
+        """An empty prompt raises BadRequestError and leaves every slot free."""
+        engine = engines(models["Q8_0"], parallel=2)
+        with pytest.raises(BadRequestError):
+            Seq().start(engine, [], greedy(4))
+        assert engine.free_slots == 2
+        assert engine.active == 0
+
+    def test_prompt_larger_than_a_sequence_context_is_too_large(self, models, engines) -> None:
+        """A prompt of n_ctx tokens raises TooLargeError without taking a slot, though the context holds 2 x n_ctx."""
+        engine = engines(models["Q8_0"], parallel=2, n_ctx=64)
+        busy = Seq().start(engine, engine.tokenize_prompt(PROMPTS[0]), greedy(8))
+        prompt = (engine.tokenize_prompt(PREFIX * 4))[:64]
+        with pytest.raises(TooLargeError):
+            Seq().start(engine, prompt, greedy(4))
+        assert engine.free_slots == 1
+        # One token shorter fits, with room for exactly one generated token.
+        last = Seq().start(engine, prompt[:63], greedy(4))
+        drain(engine)
+        assert busy.result.completion_tokens == 8
+        assert last.result.completion_tokens == 1
+        assert last.result.finish_reason == "length"
+
+
+class TestBatch:
+    """Several sequences in one batch, each with its own budget, stops and stream."""
+
+    def test_sequences_started_together_end_with_their_own_token_counts(self, models, engines) -> None:
+        """Four sequences with different max_tokens each end with exactly that many tokens, one chunk per token."""
+        engine = engines(models["Q4_0"], parallel=4)
+        budgets = (3, 9, 17, 30)
+        seqs = [
+            Seq().start(engine, engine.tokenize_prompt(p), greedy(n)) for p, n in zip(PROMPTS, budgets, strict=True)
+        ]
+        assert engine.free_slots == 0
+        assert sorted(s.slot for s in seqs) == [0, 1, 2, 3]
+        drain(engine)
+        for seq, budget in zip(seqs, budgets, strict=True):
+            assert seq.result.completion_tokens == budget
+            assert seq.result.finish_reason == "length"
+            assert seq.result.prompt_tokens == len(engine.tokenize_prompt(PROMPTS[seqs.index(seq)]))
+            assert len(seq.chunks) == budget  # the tiny models' tokens are plain ASCII: one chunk each
+            assert "".join(seq.chunks) == seq.result.text
+        assert engine.free_slots == 4
+
+    def test_stop_strings_apply_to_their_own_sequence(self, models, engines) -> None:
+        """Twins in one batch: the one with a stop string ends before it; the one without runs to max_tokens."""
+        engine = engines(models["Q4_0"], parallel=4)
+        reference = alone(engine, PROMPTS[0], 30).text
+        stop = reference[10:13]  # most likely spans a token boundary
+        other_stop = "\x00never"
+        prompt = engine.tokenize_prompt(PROMPTS[0])
+        stopped = Seq().start(engine, prompt, greedy(30, (stop,)))
+        full = Seq().start(engine, prompt, greedy(30, (other_stop,)))
+        plain = Seq().start(engine, engine.tokenize_prompt(PROMPTS[1]), greedy(20))
+        drain(engine)
+        assert stop in full.result.text
+        assert stopped.result.finish_reason == "stop"
+        assert stopped.result.text == full.result.text[: full.result.text.index(stop)]
+        assert stop not in "".join(stopped.chunks)
+        assert full.result.finish_reason == "length"
+        assert full.result.completion_tokens == 30
+        assert plain.result.completion_tokens == 20
+        for seq in (stopped, full, plain):
+            assert "".join(seq.chunks) == seq.result.text
+
+    def test_identical_sequences_in_one_step_give_identical_text(self, models, engines) -> None:
+        """Three sequences with the same prompt started in the same step generate the same greedy text."""
+        engine = engines(models["Q8_0"], parallel=3)
+        prompt = engine.tokenize_prompt(PROMPTS[3])
+        seqs = [Seq().start(engine, prompt, greedy(32)) for _ in range(3)]
+        drain(engine)
+        texts = {s.result.text for s in seqs}
+        assert len(texts) == 1
+        assert all(s.result.completion_tokens == 32 for s in seqs)
+
+
+class TestSlots:
+    """A sequence that ends gives its slot back in the same step; the others do not notice."""
+
+    def test_finished_sequence_frees_its_slot_for_the_next_request(self, models, engines) -> None:
+        """A sequence that ends frees its slot in that step; a new one takes it while the long one keeps running."""
+        engine = engines(models["Q8_0"], parallel=2)
+        short = Seq().start(engine, engine.tokenize_prompt(PROMPTS[0]), greedy(3))
+        long = Seq().start(engine, engine.tokenize_prompt(PROMPTS[1]), greedy(40))
+        while not short.done:
+            engine.step()
+        assert engine.free_slots == 1
+        assert engine.active == 1
+        tokens_then = len(long.chunks)
+        after = Seq().start(engine, engine.tokenize_prompt(PROMPTS[2]), greedy(10))
+        assert after.slot == short.slot
+        engine.step()
+        assert len(long.chunks) == tokens_then + 1  # the new prompt did not stall it
+        drain(engine)
+        assert short.result.completion_tokens == 3
+        assert long.result.completion_tokens == 40
+        assert after.result.completion_tokens == 10
+
+    def test_cancelled_sequence_frees_its_slot_for_the_next_request(self, models, engines) -> None:
+        """Cancelling through the callable ends the sequence 'cancelled' in the next step; its slot serves at once."""
+        engine = engines(models["Q8_0"], parallel=2)
+        victim = Seq().start(engine, engine.tokenize_prompt(PROMPTS[0]), greedy(100))
+        other = Seq().start(engine, engine.tokenize_prompt(PROMPTS[1]), greedy(30))
+        for _ in range(5):
+            engine.step()
+        victim.cancel = True
+        produced = len(victim.chunks)
+        other_before = len(other.chunks)
+        engine.step()
+        assert victim.result.finish_reason == "cancelled"
+        assert victim.result.completion_tokens == produced
+        assert "".join(victim.chunks) == victim.result.text
+        assert len(other.chunks) == other_before + 1
+        assert engine.free_slots == 1
+        new = Seq().start(engine, engine.tokenize_prompt(PROMPTS[2]), greedy(12))
+        assert new.slot == victim.slot
+        drain(engine)
+        assert other.result.completion_tokens == 30
+        assert other.result.finish_reason == "length"
+        assert new.result.completion_tokens == 12
+
+    def test_chunked_prefill_does_not_stall_a_running_sequence(self, models, engines) -> None:
+        """While a long prompt is evaluated in small chunks, the running sequence gets one token in every step."""
+        engine = engines(models["Q8_0"], parallel=2, prefill_chunk=8)
+        running = Seq().start(engine, engine.tokenize_prompt(PROMPTS[0]), greedy(60))
+        engine.step()  # its whole prompt (nobody else waits), and its first token
+        assert len(running.chunks) == 1
+        long_prompt = engine.tokenize_prompt(PREFIX * 2)
+        assert len(long_prompt) > 8 * 8
+        waiting = Seq().start(engine, long_prompt, greedy(5))
+        steps = 0
+        while not waiting.chunks:
+            before = len(running.chunks)
+            n = engine.step()
+            steps += 1
+            assert len(running.chunks) == before + 1
+            assert n <= 1 + 8  # the running sequence's token plus one chunk
+        assert steps == -(-len(long_prompt) // 8)
+        drain(engine)
+        assert running.result.completion_tokens == 60
+        assert waiting.result.completion_tokens == 5
+
+    def test_cancel_mid_prefill_leaves_the_others_intact(self, models, engines) -> None:
+        """With four slots, a prompt cancelled half-evaluated ends alone; the others finish exactly, and its
+        half-filled slot serves the same prompt again like a fresh engine."""
+        path = models["Q8_0"]
+        engine = engines(path, parallel=4, prefill_chunk=8)
+        others = [Seq().start(engine, engine.tokenize_prompt(p), greedy(40)) for p in PROMPTS[:3]]
+        engine.step()
+        long_text = PREFIX * 2
+        long_prompt = engine.tokenize_prompt(long_text)
+        victim = Seq().start(engine, long_prompt, greedy(20))
+        for _ in range(3):
+            engine.step()
+        assert not victim.chunks
+        victim.cancel = True
+        produced = [len(s.chunks) for s in others]
+        assert engine.step() == 3  # only the others' next tokens
+        assert victim.result.finish_reason == "cancelled"
+        assert victim.result.completion_tokens == 0
+        assert [len(s.chunks) for s in others] == [n + 1 for n in produced]
+        drain(engine)
+        for seq in others:
+            assert seq.result.completion_tokens == 40
+            assert seq.result.finish_reason == "length"
+            assert "".join(seq.chunks) == seq.result.text
+        again = alone(engine, long_text, 20)
+        assert victim.gen is not None
+        # What it had when it started (another slot's BOS) plus the chunks evaluated before the cancel.
+        assert again.cached_tokens == victim.gen.cached + 3 * 8
+        assert again.text == alone(engines(path), long_text, 20).text
+
+
+class TestPrefixReuse:
+    """A prompt that starts like an earlier one evaluates only the new part."""
+
+    def test_shared_prefix_is_reused_in_the_same_slot(self, models, engines) -> None:
+        """A second request sharing a long prefix reuses its slot's cells and gives a fresh engine's text."""
+        path = models["Q8_0"]
+        engine = engines(path, parallel=1)
+        first = alone(engine, PREFIX + "What is the time?", 10)
+        assert first.cached_tokens == 0
+        second_text = PREFIX + "Is the door locked?"
+        first_tokens = engine.tokenize_prompt(PREFIX + "What is the time?")
+        second_tokens = engine.tokenize_prompt(second_text)
+        shared = _common_prefix(first_tokens, second_tokens)
+        assert shared > 40
+        second = alone(engine, second_text, 20)
+        assert second.cached_tokens == shared
+        assert second.prompt_tokens == len(second_tokens)
+        assert second.text == alone(engines(path), second_text, 20).text
+
+    def test_shared_prefix_is_copied_from_a_busy_slot(self, models, engines) -> None:
+        """When the slot holding a prefix is busy, a new request in another slot copies its cells and gives a
+        fresh engine's text, also after the donor slot is cleared for an unrelated prompt."""
+        path = models["Q8_0"]
+        engine = engines(path, parallel=2)
+        warm = Seq().start(engine, engine.tokenize_prompt(PREFIX + "What is the time?"), greedy(4))
+        drain(engine)
+        holder = Seq().start(engine, engine.tokenize_prompt(PREFIX + "Is it raining?"), greedy(50))
+        assert holder.slot == warm.slot
+        holder_cached = holder.gen.cached if holder.gen else 0
+        assert holder_cached > 40
+        text = PREFIX + "Is the door locked?"
+        copier = Seq().start(engine, engine.tokenize_prompt(text), greedy(20))
+        assert copier.slot != holder.slot
+        holder.cancel = True  # copier then runs alone, as on the fresh engine
+        engine.step()
+        # The donor's slot serving an unrelated prompt drops its own cells, not the copied ones.
+        unrelated = Seq(cancel=True).start(engine, engine.tokenize_prompt("zzzz qqqq"), greedy(10))
+        assert unrelated.slot == holder.slot
+        drain(engine)
+        assert unrelated.result.finish_reason == "cancelled"
+        assert holder.result.finish_reason == "cancelled"
+        assert copier.result.cached_tokens == holder_cached
+        assert copier.result.completion_tokens == 20
+        assert copier.result.text == alone(engines(path), text, 20).text
+
+
+class TestSlidingWindow:
+    """Gemma 3's sliding-window cache: several sequences at once, no prefix reuse."""
+
+    def test_single_sequence_equals_raw_llama(self, models, engines) -> None:
+        """One greedy sequence longer than the window gives raw Llama's text."""
+        engine = engines(models["gemma3"], parallel=3)
+        prompt = PROMPTS[0]
+        assert len(engine.tokenize_prompt(prompt)) > WINDOW
+        result = alone(engine, prompt, 40)
+        assert result.completion_tokens == 40
+        assert result.text == raw_greedy(models["gemma3"], prompt, 40)
+
+    def test_serves_several_sequences_at_once(self, models, engines) -> None:
+        """Three sequences with prompts and replies past the window all end with their exact token counts."""
+        engine = engines(models["gemma3"], parallel=3, prefill_chunk=8)
+        budgets = (25, 40, 60)
+        seqs = [
+            Seq().start(engine, engine.tokenize_prompt(PREFIX + p), greedy(n))
+            for p, n in zip(PROMPTS[:3], budgets, strict=True)
+        ]
+        drain(engine)
+        for seq, budget in zip(seqs, budgets, strict=True):
+            assert seq.result.completion_tokens == budget
+            assert seq.result.finish_reason == "length"
+            assert "".join(seq.chunks) == seq.result.text
+
+    def test_same_prompt_twice_is_evaluated_in_full(self, models, engines) -> None:
+        """The same prompt twice reuses nothing (cached_tokens == 0) and gives the same greedy text."""
+        engine = engines(models["gemma3"], parallel=2)
+        first = alone(engine, PREFIX + PROMPTS[0], 30)
+        second = alone(engine, PREFIX + PROMPTS[0], 30)
+        assert first.cached_tokens == second.cached_tokens == 0
+        assert second.text == first.text
+
+
+class TestKvCacheType:
+    def test_q8_0_kv_cache_loads_and_generates(self, models, engines) -> None:
+        """kv_type='q8_0' (flash attention) loads, serves two sequences, and matches raw Llama for one alone."""
+        path = models["heads32"]
+        engine = engines(path, parallel=2, kv_type="q8_0")
+        assert engine.info is not None and engine.info.kv_type == "q8_0"
+        seqs = [Seq().start(engine, engine.tokenize_prompt(PROMPTS[i]), greedy(n)) for i, n in enumerate((20, 35))]
+        drain(engine)
+        assert [s.result.completion_tokens for s in seqs] == [20, 35]
+        raw = raw_greedy(
+            path, PROMPTS[2], 30, type_k=llama_cpp.GGML_TYPE_Q8_0, type_v=llama_cpp.GGML_TYPE_Q8_0, flash_attn=True
+        )
+        assert alone(engine, PROMPTS[2], 30).text == raw
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
