@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validat
 from agent.config.adapt import AdaptSettings
 from agent.config.cloud import CloudSettings
 from agent.config.fleet import FleetSettings
+from agent.config.gateway import GatewaySettings
 from agent.config.mqtt import MqttSettings
 from agent.config.telemetry import TelemetrySettings
 from agent.errors import ConfigError, PermissionDeniedError
@@ -215,6 +216,7 @@ class Settings(Section):
     adapt: AdaptSettings = Field(default_factory=AdaptSettings)  # type: ignore[arg-type]
     cloud: CloudSettings = Field(default_factory=CloudSettings)  # type: ignore[arg-type]
     fleet: FleetSettings = Field(default_factory=FleetSettings)  # type: ignore[arg-type]
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)  # type: ignore[arg-type]
     log: LogSettings = Field(default_factory=LogSettings)  # type: ignore[arg-type]
 
     @field_validator("device_id")
