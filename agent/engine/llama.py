@@ -39,7 +39,8 @@ from agent.hardware.probe import physical_cores  # only agent.hardware asks the 
 
 log = structlog.get_logger("agent.engine")
 
-#: Prompt tokens fed to the repeat penalty's history (llama-cpp-python's ``last_n_tokens_size``).
+#: Last generated tokens the repeat penalty looks at (llama-cpp-python's ``last_n_tokens_size``). Like its
+#: ``Llama``, only generated tokens enter that history (the prompt does not), so outputs stay equal to it.
 PENALTY_LAST_N = 64
 
 
@@ -366,7 +367,7 @@ class LlamaEngine:
             on_text=on_text,
             on_done=on_done,
             cancelled=cancelled,
-            sampler=self._sampler(params, prompt_tokens),
+            sampler=self._sampler(params),
             budget=min(params.max_tokens, n_ctx - len(prompt_tokens)),
             cached=cached,
             started=time.perf_counter(),
@@ -573,7 +574,7 @@ class LlamaEngine:
             llama_cpp.llama_memory_seq_rm(self._mem, slot, -1, -1)
         self._slots[slot].tokens = []
 
-    def _sampler(self, params: SamplingParams, prompt: list[int]) -> Any:
+    def _sampler(self, params: SamplingParams) -> Any:
         """The sequence's own sampler chain, in llama-cpp-python's order (penalties, top-k, top-p, min-p, temp)."""
         import llama_cpp  # noqa: PLC0415
 
@@ -595,9 +596,6 @@ class LlamaEngine:
             add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
             seed = params.seed if params.seed is not None else self._seed
             add(chain, llama_cpp.llama_sampler_init_dist(seed if seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED))
-        if params.repeat_penalty != 1.0:
-            for tok in prompt[-PENALTY_LAST_N:]:
-                llama_cpp.llama_sampler_accept(chain, tok)
         return chain
 
     def _piece(self, token: int) -> bytes:

@@ -106,11 +106,13 @@ def drain(engine: LlamaEngine, limit: int = 5000) -> int:
     return steps
 
 
-def raw_greedy(path: Path, prompt: str, max_tokens: int, **kwargs: object) -> str:
-    """What llama-cpp-python's high-level Llama generates greedily for ``prompt`` on the same n_ctx."""
-    llm = llama_cpp.Llama(str(path), n_ctx=N_CTX, n_threads=THREADS, verbose=False, **kwargs)  # type: ignore[arg-type]
+def raw_greedy(
+    path: Path, prompt: str, max_tokens: int, *, context: dict[str, object] | None = None, repeat_penalty: float = 1.0
+) -> str:
+    """What llama-cpp-python's high-level Llama (``context``: extra constructor arguments) generates greedily."""
+    llm = llama_cpp.Llama(str(path), n_ctx=N_CTX, n_threads=THREADS, verbose=False, **(context or {}))  # type: ignore[arg-type]
     try:
-        out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)
+        out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, repeat_penalty=repeat_penalty)
         return out["choices"][0]["text"]  # type: ignore[index]
     finally:
         llm.close()
@@ -134,6 +136,31 @@ class TestSingleSequence:
             assert result.completion_tokens == 40
             assert result.finish_reason == "length"
             assert result.text == raw_greedy(models[quant], prompt, 40)
+
+    def test_repeat_penalty_equals_raw_llama(self, models, engines) -> None:
+        """With a repeat penalty, greedy output still equals raw Llama's: only generated tokens are penalised."""
+        path = models["Q8_0"]
+        engine = engines(path, parallel=2)
+        params = SamplingParams(max_tokens=40, temperature=0.0, repeat_penalty=1.3)
+        for prompt in PROMPTS[:3]:
+            result = engine.generate(engine.tokenize_prompt(prompt), params, lambda _s: None, lambda: False)
+            assert result.text == raw_greedy(path, prompt, 40, repeat_penalty=1.3)
+
+    def test_seeded_sampling_equals_raw_llama(self, models, engines) -> None:
+        """Temperature sampling with a seed gives raw Llama's text for that seed (same chain, same order)."""
+        path = models["Q8_0"]
+        engine = engines(path, parallel=2)
+        llm = llama_cpp.Llama(str(path), n_ctx=N_CTX, n_threads=THREADS, verbose=False)
+        try:
+            for seed in (1, 2):
+                params = SamplingParams(max_tokens=30, temperature=0.8, top_k=40, top_p=0.95, min_p=0.0, seed=seed)
+                ours = engine.generate(engine.tokenize_prompt(PROMPTS[0]), params, lambda _s: None, lambda: False)
+                raw = llm.create_completion(
+                    PROMPTS[0], max_tokens=30, temperature=0.8, top_k=40, top_p=0.95, min_p=0.0, seed=seed
+                )
+                assert ours.text == raw["choices"][0]["text"]  # type: ignore[index]
+        finally:
+            llm.close()
 
     def test_empty_prompt_is_a_bad_request(self, models, engines) -> None:
         """An empty prompt raises BadRequestError and leaves every slot free."""
@@ -399,9 +426,8 @@ class TestKvCacheType:
         seqs = [Seq().start(engine, engine.tokenize_prompt(PROMPTS[i]), greedy(n)) for i, n in enumerate((20, 35))]
         drain(engine)
         assert [s.result.completion_tokens for s in seqs] == [20, 35]
-        raw = raw_greedy(
-            path, PROMPTS[2], 30, type_k=llama_cpp.GGML_TYPE_Q8_0, type_v=llama_cpp.GGML_TYPE_Q8_0, flash_attn=True
-        )
+        kv8 = {"type_k": llama_cpp.GGML_TYPE_Q8_0, "type_v": llama_cpp.GGML_TYPE_Q8_0, "flash_attn": True}
+        raw = raw_greedy(path, PROMPTS[2], 30, context=kv8)
         assert alone(engine, PROMPTS[2], 30).text == raw
 
 
