@@ -9,6 +9,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from agent.cli import ask, config_cmd, fleet, models, probe, run, status
+from agent.cli import ask, config_cmd, fleet, gateway, models, probe, run, status
 
-COMMAND_MODULES: tuple[ModuleType, ...] = (ask, config_cmd, fleet, models, probe, run, status)
+COMMAND_MODULES: tuple[ModuleType, ...] = (ask, config_cmd, fleet, gateway, models, probe, run, status)
