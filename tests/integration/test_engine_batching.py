@@ -205,6 +205,8 @@ class TestBatch:
             assert seq.result.prompt_tokens == len(engine.tokenize_prompt(PROMPTS[seqs.index(seq)]))
             assert len(seq.chunks) == budget  # the tiny models' tokens are plain ASCII: one chunk each
             assert "".join(seq.chunks) == seq.result.text
+            assert seq.result.ttft_s > 0
+            assert seq.result.decode_tokens_per_s > 0
         assert engine.free_slots == 4
 
     def test_stop_strings_apply_to_their_own_sequence(self, models, engines) -> None:
@@ -237,6 +239,30 @@ class TestBatch:
         texts = {s.result.text for s in seqs}
         assert len(texts) == 1
         assert all(s.result.completion_tokens == 32 for s in seqs)
+
+    def test_text_held_back_for_a_stop_string_is_streamed_at_the_end(self, models, engines) -> None:
+        """A reply ending in the start of a stop string that never completes still streams all of its text."""
+        engine = engines(models["Q8_0"], parallel=2)
+        reference = alone(engine, PROMPTS[1], 25)
+        never = reference.text[-2:] + "\x01"
+        seq = Seq().start(engine, engine.tokenize_prompt(PROMPTS[1]), greedy(25, (never,)))
+        drain(engine)
+        assert seq.result.finish_reason == "length"
+        assert seq.result.text == reference.text
+        assert "".join(seq.chunks) == reference.text
+        assert len(seq.chunks) < 25  # the last tokens were held back, then flushed together
+
+    def test_close_ends_running_sequences_as_cancelled(self, models, engines) -> None:
+        """Closing the engine reports every running sequence once, 'cancelled', with what it had produced."""
+        engine = engines(models["Q8_0"], parallel=2)
+        seqs = [Seq().start(engine, engine.tokenize_prompt(p), greedy(50)) for p in PROMPTS[:2]]
+        for _ in range(4):
+            engine.step()
+        engine.close()
+        for seq in seqs:
+            assert seq.result.finish_reason == "cancelled"
+            assert seq.result.completion_tokens == len(seq.chunks) == 4
+        assert engine.active == 0
 
 
 class TestSlots:
@@ -335,6 +361,30 @@ class TestSlots:
         assert again.cached_tokens == victim.gen.cached + 3 * 8
         assert again.text == alone(engines(path), long_text, 20).text
 
+    def test_waiting_prompts_are_evaluated_first_come_first_served(self, models, engines) -> None:
+        """Two long prompts waiting beside a running sequence: the one started first gets its first token first."""
+        engine = engines(models["Q8_0"], parallel=3, prefill_chunk=8)
+        running = Seq().start(engine, engine.tokenize_prompt(PROMPTS[0]), greedy(80))
+        engine.step()
+        first = Seq().start(engine, engine.tokenize_prompt(PREFIX + "first"), greedy(5))
+        second = Seq().start(engine, engine.tokenize_prompt(PREFIX + "and second"), greedy(5))
+        while not first.chunks:
+            assert not second.chunks
+            engine.step()
+        drain(engine)
+        assert [s.result.completion_tokens for s in (running, first, second)] == [80, 5, 5]
+
+    def test_thread_change_mid_batch_keeps_every_sequence_running(self, models, engines) -> None:
+        """set_threads between steps applies to the next decode; running sequences finish with exact counts."""
+        engine = engines(models["Q8_0"], parallel=2)
+        seqs = [Seq().start(engine, engine.tokenize_prompt(p), greedy(20)) for p in PROMPTS[:2]]
+        for _ in range(5):
+            engine.step()
+        engine.set_threads(1)
+        assert engine.info is not None and engine.info.threads == 1
+        drain(engine)
+        assert [s.result.completion_tokens for s in seqs] == [20, 20]
+
 
 class TestPrefixReuse:
     """A prompt that starts like an earlier one evaluates only the new part."""
@@ -354,6 +404,14 @@ class TestPrefixReuse:
         assert second.cached_tokens == shared
         assert second.prompt_tokens == len(second_tokens)
         assert second.text == alone(engines(path), second_text, 20).text
+
+    def test_same_prompt_again_evaluates_only_its_last_token(self, models, engines) -> None:
+        """The same prompt twice reuses all but its last token (whose logits give the first reply token)."""
+        engine = engines(models["Q8_0"], parallel=2)
+        first = alone(engine, PREFIX + PROMPTS[0], 20)
+        second = alone(engine, PREFIX + PROMPTS[0], 20)
+        assert second.cached_tokens == second.prompt_tokens - 1
+        assert second.text == first.text
 
     def test_shared_prefix_is_copied_from_a_busy_slot(self, models, engines) -> None:
         """When the slot holding a prefix is busy, a new request in another slot copies its cells and gives a
