@@ -18,6 +18,7 @@ from tests.support.tiny_gguf import (
     MIN_VOCAB_SIZE,
     TENSOR_TYPES,
     tiny_model_set,
+    write_tiny_gemma3,
     write_tiny_llama,
 )
 
@@ -219,3 +220,40 @@ def test_model_without_template_still_loads(tmp_path: Path) -> None:
         assert result["usage"]["completion_tokens"] == 4
     finally:
         model.close()
+
+
+class TestTinyGemma3:
+    """write_tiny_gemma3: the same tiny recipe as a Gemma 3 with a sliding window."""
+
+    def test_metadata_describes_a_sliding_window_gemma3(self, tmp_path: Path) -> None:
+        """The header names the gemma3 architecture, its window, and the QK and post norms per layer."""
+        path = write_tiny_gemma3(tmp_path / "g.gguf", tensor_type="Q8_0", sliding_window=24)
+        reader = gguf.GGUFReader(path)
+        assert _field(reader, "general.architecture") == "gemma3"
+        assert _field(reader, "gemma3.attention.sliding_window") == 24
+        assert _field(reader, "gemma3.block_count") == 6
+        names = {t.name for t in reader.tensors}
+        for norm in ("attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm"):
+            assert f"blk.5.{norm}.weight" in names
+        assert path.stat().st_size < 1_000_000
+
+    def test_impossible_window_is_rejected(self, tmp_path: Path) -> None:
+        """A negative window is refused up front with ValueError."""
+        with pytest.raises(ValueError, match="must"):
+            write_tiny_gemma3(tmp_path / "g.gguf", sliding_window=-1)
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("tensor_type", TENSOR_TYPES)
+    def test_llama_cpp_runs_it_with_a_sliding_window(self, tmp_path: Path, tensor_type: str) -> None:
+        """llama.cpp loads it with the requested window and a greedy completion has exactly max_tokens tokens."""
+        import llama_cpp  # only the slow tests need the compiled library
+
+        path = write_tiny_gemma3(tmp_path / "g.gguf", tensor_type=tensor_type, sliding_window=16)
+        model = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False)
+        try:
+            assert llama_cpp.llama_model_n_swa(model.model) == 16
+            result = model.create_completion("Hello, tiny gemma, how are you today?", max_tokens=40, temperature=0)
+            assert result["usage"]["completion_tokens"] == 40
+            assert result["choices"][0]["finish_reason"] == "length"
+        finally:
+            model.close()
