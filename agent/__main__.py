@@ -17,35 +17,23 @@ from pathlib import Path
 
 from agent import __version__
 from agent.cli import COMMAND_MODULES
-from agent.errors import AgentError, BadRequestError, ConfigError, ModelUnavailableError, PermissionDeniedError
+from agent.cli.exit_codes import (
+    EXIT_CODES_HELP,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_PERMISSION,
+    denied_file,
+    exit_code_for,
+)
+from agent.errors import AgentError, PermissionDeniedError
 from agent.logs import configure_logging, under_journald
-from agent.permissions import denied, is_denied
+from agent.permissions import denied
 from agent.sdnotify import Notifier
 
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_USAGE = 2  # argparse's own
-EXIT_MODEL_UNAVAILABLE = 69  # EX_UNAVAILABLE
-EXIT_RESTART = 75  # EX_TEMPFAIL; agent.daemon.RESTART_EXIT_CODE
-EXIT_PERMISSION = 77  # EX_NOPERM
-EXIT_CONFIG = 78  # EX_CONFIG
-EXIT_INTERRUPTED = 130
+__all__ = ["EXIT_CODES_HELP", "build_parser", "exit_code_for", "main", "reason_for"]
 
-EXIT_CODES_HELP = """exit codes (the unit restarts on 1, 69, 75; RestartPreventExitStatus=2 77 78):
-  0    stopped cleanly / the command succeeded
-  1    unexpected internal error (restarted); for one-shot commands also: the operation failed
-       (broker unreachable, error reply, no answer in time, nothing retained, plan: nothing fits)
-  2    command-line usage error
-  69   model unavailable: pull failed, Hub unreachable and nothing cached, load failed (restarted)
-  75   restart requested by the fleet 'restart' command (restarted)
-  77   permission denied on a file it must read or write (not restarted)
-  78   configuration error: invalid config, no model configured, nothing in the catalog fits (not restarted)
-  130  interrupted (Ctrl-C)"""
-
-# Errors of modules a command may never have imported (the Hub client costs about a second to import):
-# an exception of a class whose module is not loaded cannot be in hand, so only loaded ones are checked.
-_MODEL_UNAVAILABLE_ELSEWHERE = (("agent.catalog.hub", "HubError"), ("agent.catalog.gguf_header", "GgufFormatError"))
-_CONFIG_ELSEWHERE = (("agent.catalog.fit", "NothingFitsError"),)
+DAEMON_COMMANDS = frozenset({"run"})
+"""Commands that are the daemon: they end with the daemon's codes only (systemd's restart rules)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.add_parser(subparsers)
+    parser.set_defaults(root_parser=parser)  # `completion` walks the whole tree
     return parser
 
 
@@ -72,30 +61,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except Exception as exc:  # the process boundary: every failure becomes one line and an exit code
-        return _fail(exc)
+        return _fail(exc, one_shot=args.command not in DAEMON_COMMANDS)
     return code
-
-
-def exit_code_for(exc: BaseException) -> int:
-    """The documented exit code for an exception that ended a command (see :data:`EXIT_CODES_HELP`)."""
-    if isinstance(exc, PermissionDeniedError):
-        return EXIT_PERMISSION
-    if isinstance(exc, ConfigError) or _is_any(exc, _CONFIG_ELSEWHERE):
-        return EXIT_CONFIG
-    if _denied_file(exc) is not None:
-        return EXIT_PERMISSION
-    if isinstance(exc, ModelUnavailableError) or _is_any(exc, _MODEL_UNAVAILABLE_ELSEWHERE):
-        return EXIT_MODEL_UNAVAILABLE
-    if isinstance(exc, BadRequestError):
-        return EXIT_USAGE
-    return EXIT_INTERNAL
 
 
 def reason_for(exc: BaseException) -> str:
     """The operator's line for an exception: our message, or a permission problem explained with its fix."""
     if isinstance(exc, PermissionDeniedError):
         return str(exc)
-    cause = _denied_file(exc)
+    cause = denied_file(exc)
     if cause is not None:
         # Say which file and how to fix it, not the wrapping error's general message.
         return str(denied(Path(str(cause.filename)), "access", cause))
@@ -104,8 +78,8 @@ def reason_for(exc: BaseException) -> str:
     return f"internal error: {type(exc).__name__}: {exc}"
 
 
-def _fail(exc: Exception) -> int:
-    code = exit_code_for(exc)
+def _fail(exc: Exception, *, one_shot: bool) -> int:
+    code = exit_code_for(exc, one_shot=one_shot)
     reason = reason_for(exc)
     journal = under_journald(sys.stderr, os.environ)
     lines: list[str] = []
@@ -116,7 +90,7 @@ def _fail(exc: Exception) -> int:
     prefix = "<3>" if journal else ""
     sys.stderr.write("".join(f"{prefix}{line}\n" for line in lines))
     sys.stderr.flush()
-    denied_cause = _denied_file(exc)
+    denied_cause = denied_file(exc)
     errno_value = None
     if code == EXIT_PERMISSION:
         errno_value = denied_cause.errno if denied_cause is not None else errno.EACCES
@@ -124,29 +98,6 @@ def _fail(exc: Exception) -> int:
     if notifier.failed(f"failed: {reason}"[:1000], errno_value):
         notifier.barrier()  # else systemd may reap us before reading it, and drop it
     return code
-
-
-def _denied_file(exc: BaseException) -> OSError | None:
-    """The OS error that refused a named file (EACCES, EPERM, EROFS): ``exc`` itself or an explicit cause.
-
-    Only ``raise ... from`` links count: an implicit context may be an unrelated error handled earlier.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, OSError) and is_denied(current) and current.filename is not None:
-            return current
-        current = current.__cause__
-    return None
-
-
-def _is_any(exc: BaseException, names: tuple[tuple[str, str], ...]) -> bool:
-    for module_name, class_name in names:
-        cls = getattr(sys.modules.get(module_name), class_name, None)
-        if isinstance(cls, type) and isinstance(exc, cls):
-            return True
-    return False
 
 
 if __name__ == "__main__":

@@ -124,6 +124,9 @@ class Daemon:
         self._signals = 0
         self._link_up = False  # the latest link event handled was Connected
         self._ready_sent = False
+        # Reconnected while serving: publish a reading now, so the retained telemetry is newer than the
+        # buffered readings just replayed (on their own topic) instead of the one from before the outage.
+        self._telemetry_now = False
         self._hang = False
         self._interruptible = False  # True while start-up (plan, pull, load) runs on the main thread
         self._exit_code = 0
@@ -352,7 +355,8 @@ class Daemon:
                 router.dispatch(event)
             elif event is not None and not isinstance(event, str):
                 self._on_event(event)
-            if now >= next_telemetry:
+            if now >= next_telemetry or self._telemetry_now:
+                self._telemetry_now = False
                 next_telemetry = now + self.settings.telemetry.interval_s
                 run_logged(tick_telemetry, "telemetry_tick_failed")
                 router.update_share()
@@ -389,6 +393,7 @@ class Daemon:
             self._link_up = True
             self.status.connected()  # the status current now, HA discovery, then what was buffered offline
             if self._serving is not None:
+                self._telemetry_now = True
                 self._serving_connected()
         elif isinstance(event, Disconnected):
             self._link_up = False

@@ -67,6 +67,13 @@ class RateLimitedError(OverloadedError):
     code = "rate_limited"
 
 
+class NotFoundError(AgentError, LookupError):
+    """What an operator's command names does not exist (no retained status for a device). Not a wire error
+    code: it ends a one-shot command (exit 66)."""
+
+    code = "not_found"
+
+
 class ModelUnavailableError(AgentError):
     """No model is loaded (loading, swapping, failed or missing)."""
 

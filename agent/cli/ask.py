@@ -1,116 +1,108 @@
 """``edge-agent ask "question"``: send one request over MQTT and print the answer.
 
-It is also the reference client: it uses the MQTT 5 Response Topic and Correlation Data when the
-configured protocol is 5, and the payload's ``reply_to`` for 3.1.1.
+Output (stdout carries either text or JSON, never both; notices and errors go to stderr):
+
+* default: the answer's text once it is complete; ``--stream``: the text as it arrives;
+* ``--json``: one JSON document, the final reply (``done: true``; an error reply too, then exit non-zero);
+* ``--json --stream``: JSON Lines: each stream chunk (``{"id", "seq", "delta"}``) as it arrives, then the
+  final reply, one compact object per line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import queue
 import sys
-import time
-import uuid
-from typing import Any
+from typing import Any, TextIO
 
 from agent.cli.config_cmd import add_config_argument
-from agent.errors import AgentError, DeadlineExceededError, TransportError
+from agent.cli.device_client import AnswerError, DeviceClient, Reply, chat_messages
+from agent.errors import BadRequestError
 from agent.settings import load_settings
-from agent.transport.mqtt import Incoming, LinkEvent, MqttLink
-from agent.transport.topics import DeviceTopics
-
-
-class AnswerError(AgentError):
-    """The agent answered with an error reply."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
 
 
 def add_parser(subparsers: Any) -> None:
-    ask = subparsers.add_parser("ask", help="ask a device a question over MQTT and print the answer")
+    ask = subparsers.add_parser(
+        "ask",
+        help="ask a device a question over MQTT and print the answer",
+        description="Send one request to a device and print the answer. With --json stdout is one JSON "
+        "document (the final reply), or JSON Lines with --stream (each chunk, then the final reply).",
+    )
     add_config_argument(ask)
     ask.add_argument("question", help="the question (sent as a chat message)")
-    ask.add_argument("--device", help="target device id (default: device_id from the config)")
+    add_request_arguments(ask, max_tokens=128)
     ask.add_argument("--stream", action="store_true", help="print tokens as they arrive")
-    ask.add_argument("--json", action="store_true", help="print the final reply as JSON")
+    ask.add_argument("--json", action="store_true",
+                     help="print the final reply as one JSON document (with --stream: JSON Lines)")
     ask.add_argument("--prompt", action="store_true", help="send a plain prompt instead of a chat message")
-    ask.add_argument("--max-tokens", type=int, default=128)
-    ask.add_argument("--temperature", type=float, default=0.7)
-    ask.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
     ask.set_defaults(func=_ask)
 
 
+def add_request_arguments(parser: argparse.ArgumentParser, *, max_tokens: int) -> None:
+    """The options ``ask`` and ``chat`` share: target device, system message, sampling, timeout."""
+    parser.add_argument("--device", help="target device id (default: device_id from the config)")
+    parser.add_argument("--system", metavar="TEXT", help="a system message sent before the conversation")
+    parser.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default {max_tokens})")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each answer (default 120)")
+
+
 def _ask(args: argparse.Namespace) -> int:
+    if args.prompt and args.system:
+        raise BadRequestError("--system needs a chat message; it cannot go with --prompt")
     settings = load_settings(args.config, required=args.config is not None)
-    topics = DeviceTopics(settings.mqtt.topic_prefix, args.device or settings.device_id)
-    client_id = f"edge-ask-{uuid.uuid4().hex[:12]}"
-    reply_topic = topics.default_reply(client_id)
-    request_id = uuid.uuid4().hex
-    events: queue.SimpleQueue[LinkEvent] = queue.SimpleQueue()
-    link = MqttLink(settings.mqtt, client_id, events.put)
-    link.subscribe([(reply_topic, 1)])
-    link.start()
-    try:
-        if not link.wait_connected(min(args.timeout, 15.0)):
-            raise TransportError(f"no connection to {settings.mqtt.host}:{settings.mqtt.port}")
-        if not link.wait_subscribed(5.0):
-            raise TransportError("the broker did not acknowledge the reply subscription")
-        payload: dict[str, Any] = {
-            "id": request_id,
-            "max_tokens": args.max_tokens,
-            "temperature": args.temperature,
-            "stream": args.stream,
-        }
-        if args.prompt:
-            payload["prompt"] = args.question
-        else:
-            payload["messages"] = [{"role": "user", "content": args.question}]
-        v5 = settings.mqtt.protocol == "5"
-        if not v5:
-            payload["reply_to"] = reply_topic
-        link.publish(
-            topics.infer,
-            json.dumps(payload).encode(),
-            qos=1,
-            response_topic=reply_topic if v5 else None,
-            correlation_data=request_id.encode() if v5 else None,
-        )
-        final = _collect(events, request_id, args.stream, time.monotonic() + args.timeout)
-    finally:
-        link.stop()
-    if "error" in final:
-        raise AnswerError(final["error"].get("code", "internal"), final["error"].get("message", ""))
-    if args.json:
-        print(json.dumps(final, indent=2, ensure_ascii=False))
-    elif args.stream:
-        print()
+    body: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    if args.prompt:
+        body["prompt"] = args.question
     else:
-        print(final.get("text", ""))
+        body["messages"] = chat_messages(args.system, [], args.question)
+    output = ReplyOutput(json_mode=args.json, stream=args.stream)
+    with DeviceClient(settings, args.device, connect_timeout=min(args.timeout, 15.0)) as client:
+        final = client.request(body, timeout=args.timeout, on_chunk=output.chunk if args.stream else None)
+    output.final(final)
     return 0
 
 
-def _collect(events: queue.SimpleQueue[LinkEvent], request_id: str, stream: bool, deadline: float) -> dict[str, Any]:
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise DeadlineExceededError("no answer before the timeout")
-        try:
-            event = events.get(timeout=remaining)
-        except queue.Empty:
-            continue
-        if not isinstance(event, Incoming):
-            continue
-        try:
-            message = json.loads(event.payload)
-        except ValueError:
-            continue
-        if not isinstance(message, dict) or message.get("id") not in (request_id, None):
-            continue
-        if message.get("done"):
-            return message
-        if stream and "delta" in message:
-            sys.stdout.write(message["delta"])
-            sys.stdout.flush()
+class ReplyOutput:
+    """Writes replies to stdout in one of the documented shapes; raises :class:`AnswerError` for an error reply.
+
+    Text mode writes the answer's text only; JSON mode writes JSON only (one document, or JSON Lines when
+    streaming), so a program reading stdout never meets the other kind.
+    """
+
+    def __init__(self, *, json_mode: bool, stream: bool, out: TextIO | None = None) -> None:
+        self.json_mode = json_mode
+        self.stream = stream
+        self.out = out if out is not None else sys.stdout
+        self._open_line = False
+
+    def chunk(self, message: Reply) -> None:
+        if self.json_mode:
+            self._line(message)
+        else:
+            delta = str(message.get("delta", ""))
+            self.out.write(delta)
+            self.out.flush()
+            self._open_line = self._open_line or bool(delta)
+
+    def final(self, reply: Reply) -> None:
+        if self.json_mode:
+            if self.stream:
+                self._line(reply)
+            else:
+                self.out.write(json.dumps(reply, indent=2, ensure_ascii=False) + "\n")
+                self.out.flush()
+        elif self.stream:
+            if self._open_line:
+                self.out.write("\n")
+                self.out.flush()
+        elif "error" not in reply:
+            self.out.write(str(reply.get("text", "")) + "\n")
+            self.out.flush()
+        self._open_line = False
+        if "error" in reply:
+            raise AnswerError(reply)
+
+    def _line(self, message: Reply) -> None:
+        self.out.write(json.dumps(message, ensure_ascii=False, separators=(",", ":")) + "\n")
+        self.out.flush()

@@ -14,7 +14,7 @@ from typing import Any
 
 from agent.cli.config_cmd import add_config_argument
 from agent.cli.fleet import LIVE_STATES, DeviceView, Operator, fleet_settings
-from agent.errors import AgentError
+from agent.errors import NotFoundError
 from agent.settings import load_settings
 from agent.transport.topics import DeviceTopics
 
@@ -30,7 +30,7 @@ COMMAND_POLICIES = {
 """How the retained status's ``commands`` reads to an operator."""
 
 
-class NoStatusError(AgentError):
+class NoStatusError(NotFoundError):
     """The broker holds no retained status for the device."""
 
     code = "no_status"
@@ -41,8 +41,8 @@ def add_parser(subparsers: Any) -> None:
         "status",
         help="show this device's state from its retained status on the broker",
         description="Read the device's retained status (and latest retained telemetry) from the broker in the "
-        "config and print state, model, quant, mode, queue and uptime. Exits 1 when the broker cannot be "
-        "reached or holds no status for the device.",
+        "config and print state, model, quant, mode, queue and uptime. Exits 68 when the broker cannot be "
+        "reached, 66 when it holds no status for the device.",
     )
     add_config_argument(status)
     status.add_argument("--device", help="device id (default: device_id from the config)")

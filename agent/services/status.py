@@ -5,7 +5,8 @@ One owner for the serving state (``starting`` → ``pulling`` → ``loading`` �
 only while connected; :meth:`StatusService.connected` (called by the daemon's main loop for every
 :class:`~agent.transport.mqtt.Connected`, never from paho's thread) publishes the state current by then,
 the Home Assistant discovery configs, and replays the telemetry and events buffered on disk meanwhile.
-Telemetry and events go out now when connected, else into that buffer (replayed in order).
+Telemetry and events go out now when connected, else into that buffer (replayed in order, not retained, the
+telemetry on ``{prefix}/{device_id}/telemetry/replay``).
 """
 
 from __future__ import annotations
@@ -150,8 +151,19 @@ class StatusService:
             ):
                 link.publish(topic, payload, qos=1, retain=True)
         if self._buffer is not None:
-            # Telemetry and events kept on disk while offline go out first, in order, original timestamps.
-            self._buffer.drain(lambda t, p: link.publish(t, p, qos=1), time.time())
+            # Telemetry and events kept on disk while offline go out, in order, original timestamps; the
+            # telemetry on its replay topic (the daemon publishes a fresh reading right after).
+            self._buffer.drain(self._replay_on(link), time.time())
+
+    def _replay_on(self, link: Link) -> Callable[[str, bytes], None]:
+        """How a record kept on disk while offline is published: never retained, and telemetry on its replay
+        topic, so Home Assistant (which ignores ``ts``) and ``fleet ls`` never take a past reading for the
+        current one."""
+
+        def replay(topic: str, payload: bytes) -> None:
+            link.publish(self.topics.telemetry_replay if topic == self.topics.telemetry else topic, payload, qos=1)
+
+        return replay
 
     def describe(self, service: InferenceService, *, offloaded: int) -> dict[str, Any]:
         """The fleet ``status`` command's answer."""
@@ -196,7 +208,7 @@ class StatusService:
                 link.publish(topic, payload, qos=1, retain=retain)
             return
         self._buffer.send(topic, payload, time.time(), connected=link.connected,
-                          publish=lambda t, p: link.publish(t, p, qos=1, retain=retain))
+                          publish=lambda t, p: link.publish(t, p, qos=1, retain=retain), replay=self._replay_on(link))
 
     def emit_event(self, kind: str, reason: str, numbers: dict[str, Any]) -> None:
         event = Event.model_validate(

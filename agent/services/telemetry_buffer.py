@@ -9,6 +9,8 @@ the old or the new file, never a mix.
 
 Replay is at-least-once: records are removed only after every one of them was handed to ``publish``;
 a crash in between republishes them (each carries its original ``ts``, so consumers can deduplicate).
+Where a replayed record is published is the caller's choice (the status service sends telemetry to
+``{prefix}/{device_id}/telemetry/replay``, so a reading of the past is never taken for the current one).
 
 A full or failing disk never reaches the caller: a record that cannot be written is dropped (logged once
 per episode, not per record, and once more with the count when writing works again), and a write cut
@@ -133,14 +135,25 @@ class TelemetryBuffer:
         return len(records)
 
     def send(
-        self, topic: str, payload: bytes, ts: float, *, connected: bool, publish: Callable[[str, bytes], None]
+        self,
+        topic: str,
+        payload: bytes,
+        ts: float,
+        *,
+        connected: bool,
+        publish: Callable[[str, bytes], None],
+        replay: Callable[[str, bytes], None] | None = None,
     ) -> None:
-        """Publish now (after replaying anything older, to keep the order) when connected, else keep it."""
+        """Publish now (after replaying anything older, to keep the order) when connected, else keep it.
+
+        The older records go to ``replay`` (default ``publish``): they are the past, and the caller may want
+        them published differently from the message of now (another topic, not retained).
+        """
         if not connected:
             self.append(topic, payload, ts)
             return
         if self.size_bytes():
-            self.drain(publish, now=ts)
+            self.drain(replay or publish, now=ts)
         publish(topic, payload)
 
     # -- internals (lock held) ---------------------------------------------------------------------

@@ -50,6 +50,12 @@ class DeviceTopics:
         return f"{self.base}/telemetry"
 
     @property
+    def telemetry_replay(self) -> str:
+        """Where telemetry kept on disk while the broker was away is replayed (not retained): readings of the
+        past stay off :attr:`telemetry`, which Home Assistant and ``fleet ls`` read as the current one."""
+        return f"{self.base}/telemetry/replay"
+
+    @property
     def events(self) -> str:
         return f"{self.base}/events"
 

@@ -9,137 +9,27 @@ Heat and battery come from a copy of a fixture sysfs tree that the test rewrites
 from __future__ import annotations
 
 import itertools
-import json
-import queue
 import random
 import shutil
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent.transport.telemetry import Telemetry
 from tests.support.broker import Broker
 from tests.support.daemon import DaemonProcess, write_config
 from tests.support.hardware import FIXTURES
+from tests.support.watcher import Watcher
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PREFIX = "edge"
 CHAT = {"messages": [{"role": "user", "content": "Hello there"}], "temperature": 0}
 CLOUD_INFER = f"{PREFIX}/cloud/infer"
-
-
-# --- a watching client ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Seen:
-    at: float  # time.monotonic() on arrival
-    topic: str
-    payload: bytes
-    retain: bool
-    correlation: bytes | None
-
-    def json(self) -> Any:
-        return json.loads(self.payload)
-
-
-@dataclass
-class Watcher:
-    """A paho MQTT 5 client that records everything on its subscriptions and sends requests.
-
-    ``persistent`` keeps its session on the broker (QoS 1 messages published while it is away are
-    queued for it) and reconnects quickly, so it sees what a daemon replays right after a broker restart.
-    """
-
-    port: int
-    topics: tuple[str, ...] = ()
-    persistent: bool = False
-    seen: list[Seen] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._lock = threading.Lock()
-        self._subscribed: queue.Queue[int] = queue.Queue()
-        self.client_id = f"watch-{uuid.uuid4().hex[:8]}"
-        self.c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv5)
-        self.c.on_message = self._on_message
-        self.c.on_subscribe = lambda c, u, mid, rc, p: self._subscribed.put(mid)
-        self.c.on_socket_open = lambda c, u, s: s.setsockopt(6, 1, 1)  # TCP_NODELAY
-        self.c.reconnect_delay_set(0.1, 0.5)
-        props = None
-        if self.persistent:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = 3600
-        self.c.connect("127.0.0.1", self.port, clean_start=not self.persistent, properties=props)
-        self.c.loop_start()
-        for topic in (*self.topics, "test/reply/#"):
-            self.subscribe(topic)
-
-    def subscribe(self, topic: str) -> None:
-        _, mid = self.c.subscribe(topic, 1)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                if self._subscribed.get(timeout=0.1) == mid:
-                    return
-            except queue.Empty:
-                continue
-        raise AssertionError(f"no SUBACK for {topic}")
-
-    def _on_message(self, client: Any, userdata: Any, msg: paho.MQTTMessage) -> None:
-        props = getattr(msg, "properties", None)
-        corr = getattr(props, "CorrelationData", None) if props is not None else None
-        with self._lock:
-            self.seen.append(Seen(time.monotonic(), msg.topic, bytes(msg.payload), bool(msg.retain), corr))
-
-    def on(self, topic: str, since: float = 0.0) -> list[Seen]:
-        with self._lock:
-            return [s for s in self.seen if s.topic == topic and s.at >= since]
-
-    def wait_for(
-        self, topic: str, match: Callable[[Any], bool] = lambda _: True, *, since: float = 0.0, timeout: float = 15.0
-    ) -> Any:
-        """The first JSON message on ``topic`` (arrived after ``since``) that ``match`` accepts."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for s in self.on(topic, since):
-                if s.payload and match(s.json()):
-                    return s.json()
-            time.sleep(0.02)
-        got = [s.payload for s in self.on(topic)]
-        raise AssertionError(f"nothing matching on {topic} within {timeout}s; got {got}")
-
-    def request(self, topic: str, body: dict[str, Any], reply: str | None = None) -> str:
-        """Publish an inference request with a Response Topic; returns the reply topic."""
-        reply = reply or f"test/reply/{uuid.uuid4().hex[:10]}"
-        props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = reply
-        props.CorrelationData = b"corr:" + reply.encode()
-        self.c.publish(topic, json.dumps(body), qos=1, properties=props).wait_for_publish(5)
-        return reply
-
-    def finals(self, reply: str) -> list[dict[str, Any]]:
-        return [s.json() for s in self.on(reply) if s.json().get("done")]
-
-    def wait_final(self, reply: str, timeout: float = 60.0) -> dict[str, Any]:
-        final: dict[str, Any] = self.wait_for(reply, lambda d: bool(d.get("done")), timeout=timeout)
-        return final
-
-    def close(self) -> None:
-        self.c.disconnect()
-        self.c.loop_stop()
-        # paho closes its wake-up socket pair only in __del__; a client collected as part of a reference
-        # cycle may have those sockets finalized first (a ResourceWarning, an error under -W error).
-        self.c._reset_sockets()
 
 
 # --- fixtures ---------------------------------------------------------------------------------------
@@ -527,27 +417,37 @@ def test_cloud_broker_down_while_offloading_answers_overloaded_at_once(
 # --- 6. offline buffer -------------------------------------------------------------------------------
 
 
-def test_telemetry_during_an_edge_broker_outage_is_delivered_in_order_after_it_returns(
+def test_telemetry_during_an_edge_broker_outage_is_replayed_in_order_after_it_returns(
     edge_broker, board, daemons, watchers
 ) -> None:
-    """Readings produced while the broker is down arrive after it is back, oldest first, original timestamps."""
+    """Readings produced while the broker is down arrive after it is back on the replay topic, oldest first,
+    original timestamps, not retained; the telemetry topic carries only readings of the moment (HA takes every
+    message there as the current value; not retained: tests/integration/test_home_assistant.py). Together no
+    reading is lost."""
+    live_topic, replay_topic = f"{PREFIX}/dev1/telemetry", f"{PREFIX}/dev1/telemetry/replay"
     daemons("dev1", edge_broker.port, **edge_config(board("pi5-8gb")))
-    w = watchers(edge_broker.port, f"{PREFIX}/dev1/telemetry", persistent=True)
-    w.wait_for(f"{PREFIX}/dev1/telemetry", timeout=10)
-    w.wait_for(f"{PREFIX}/dev1/telemetry", since=time.monotonic(), timeout=5)
+    w = watchers(edge_broker.port, live_topic, replay_topic, persistent=True)
+    w.wait_for(live_topic, timeout=10)
+    w.wait_for(live_topic, since=time.monotonic(), timeout=5)
     down_at = time.time()
     edge_broker.stop()
     time.sleep(4.0)
     up_at = time.time()
     edge_broker.start()
     back = time.monotonic()
-    w.wait_for(f"{PREFIX}/dev1/telemetry", lambda d: d["ts"] > up_at + 1.0, since=back, timeout=15)
-    ts = [s.json()["ts"] for s in w.on(f"{PREFIX}/dev1/telemetry")]
+    w.wait_for(live_topic, lambda d: d["ts"] > up_at + 1.0, since=back, timeout=15)
+    live = [s.json()["ts"] for s in w.on(live_topic)]
+    replayed = w.on(replay_topic)
+    ts = [s.json()["ts"] for s in replayed]
+    assert live == sorted(live) and len(set(live)) == len(live), live
+    assert not [t for t in live if down_at + 0.5 < t < up_at - 0.5], live  # the past stays off the live topic
     assert ts == sorted(ts) and len(set(ts)) == len(ts), ts
     during = [t for t in ts if down_at + 0.5 < t < up_at - 0.5]
     print(f"\noutage of {up_at - down_at:.1f} s: {len(during)} readings buffered and replayed")
     assert len(during) >= 2, ts
-    gaps = [b - a for a, b in itertools.pairwise(ts)]
+    every = sorted(live + ts)
+    assert len(set(every)) == len(every), every
+    gaps = [b - a for a, b in itertools.pairwise(every)]
     assert max(gaps) < 2.5, gaps  # no reading lost across the outage
 
 

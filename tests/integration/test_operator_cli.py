@@ -227,18 +227,19 @@ def _status(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
 
 
-def test_status_without_a_retained_status_exits_1_with_a_clear_line(tmp_path: Path, broker: Broker) -> None:
-    """A device that never connected to this broker: exit 1, one line naming the device, broker and topic."""
+def test_status_without_a_retained_status_exits_66_with_a_clear_line(tmp_path: Path, broker: Broker) -> None:
+    """A device that never connected to this broker: exit 66 (not found), one line naming the device, broker
+    and topic."""
     config = write_config(tmp_path / "agent.toml", port=broker.port, model_file=Path("unused"), device_id="ghost")
     result = _status(config, "--timeout", "3")
-    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.returncode == 66, result.stdout + result.stderr
     assert result.stderr.startswith(f"edge-agent: error: no retained status for ghost on 127.0.0.1:{broker.port}")
     assert result.stderr.count("\n") == 1
 
 
-def test_status_with_the_broker_down_exits_1_with_a_clear_line(tmp_path: Path) -> None:
-    """Nothing listening on the port: exit 1 with the broker's address, no traceback."""
+def test_status_with_the_broker_down_exits_68_with_a_clear_line(tmp_path: Path) -> None:
+    """Nothing listening on the port: exit 68 (broker unreachable) with the broker's address, no traceback."""
     config = write_config(tmp_path / "agent.toml", port=9, model_file=Path("unused"))
     result = _status(config, "--timeout", "2")
-    assert result.returncode == 1
+    assert result.returncode == 68
     assert result.stderr == "edge-agent: error: no connection to 127.0.0.1:9\n"

@@ -299,7 +299,7 @@ def test_mosquitto_rr_can_ask_a_question(start_daemon, broker) -> None:
 
 
 def test_ask_cli_prints_the_answer(start_daemon, broker, tmp_path) -> None:
-    """`edge-agent ask` publishes a request and prints the answer text; errors exit non-zero."""
+    """`edge-agent ask` publishes a request and prints the answer text; a too_large reply exits 65."""
     import sys
 
     d = start_daemon()
@@ -310,5 +310,5 @@ def test_ask_cli_prints_the_answer(start_daemon, broker, tmp_path) -> None:
     assert json.loads(out.stdout)["usage"]["completion_tokens"] == 5
     bad = subprocess.run([sys.executable, "-m", "agent", "ask", "--config", str(env_cfg), "--max-tokens", "5",
                           "--prompt", "word " * 3000], capture_output=True, text=True, timeout=90)
-    assert bad.returncode == 1
+    assert bad.returncode == 65
     assert "too_large" in bad.stderr

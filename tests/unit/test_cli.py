@@ -12,12 +12,19 @@ import structlog
 from agent.__main__ import EXIT_CODES_HELP, build_parser, exit_code_for, main
 from agent.catalog.fit import NothingFitsError
 from agent.catalog.hub import HubAuthError, HubError, HubUnreachableError
+from agent.cli.device_client import AnswerError
+from agent.cli.exit_codes import ONE_SHOT_ONLY
+from agent.cli.status import NoStatusError
 from agent.errors import (
     BadRequestError,
     ConfigError,
+    DeadlineExceededError,
     ModelFileError,
     ModelUnavailableError,
+    NotFoundError,
+    OverloadedError,
     PermissionDeniedError,
+    TooLargeError,
     TransportError,
 )
 from agent.settings import OVERRIDES_FILE_NAME
@@ -50,20 +57,53 @@ def _hub_error_from_a_refused_cache() -> HubError:
         (HubUnreachableError("down"), 69),
         (HubAuthError("401"), 69),
         (BadRequestError("--arg x: expected KEY=VALUE"), 2),
-        (TransportError("no broker"), 1),
+        (TooLargeError("the message is larger than the broker accepts"), 65),
+        (AnswerError({"done": True, "error": {"code": "too_large", "message": "prompt"}}), 65),
+        (AnswerError({"done": True, "error": {"code": "bad_request", "message": "x"}}), 65),
+        (NoStatusError("no retained status"), 66),
+        (NotFoundError("nothing cached matches x"), 66),
+        (TransportError("no broker"), 68),
+        (AnswerError({"done": True, "error": {"code": "model_unavailable", "message": "loading"}}), 69),
+        (AnswerError({"done": True, "error": {"code": "overloaded", "retry_after_ms": 800}}), 79),
+        (AnswerError({"done": True, "error": {"code": "rate_limited", "retry_after_ms": 100}}), 79),
+        (OverloadedError("queue full"), 79),
+        (DeadlineExceededError("no answer within 2 s"), 124),
+        (AnswerError({"done": True, "error": {"code": "timeout", "message": "deadline"}}), 124),
+        (AnswerError({"done": True, "error": {"code": "cancelled", "message": "shutting down"}}), 1),
+        (AnswerError({"done": True, "error": "not an object"}), 1),
         (RuntimeError("bug"), 1),
     ],
 )
 def test_exit_code_table(exc: BaseException, code: int) -> None:
-    """Each error category maps to its documented exit code; a refused file wins over the error wrapping it."""
+    """Each error category maps to its documented exit code; a refused file wins over the error wrapping it;
+    an error reply maps by its wire code."""
     assert exit_code_for(exc) == code
 
 
+@pytest.mark.parametrize("exc", [TransportError("x"), DeadlineExceededError("x"), OverloadedError("x"),
+                                 NotFoundError("x"), TooLargeError("x")])
+def test_the_daemon_never_ends_with_a_one_shot_code(exc: BaseException) -> None:
+    """`run` keeps the codes systemd's restart rules know: a one-shot-only category is 1 for the daemon."""
+    assert exit_code_for(exc) in ONE_SHOT_ONLY
+    assert exit_code_for(exc, one_shot=False) == 1
+
+
+def test_one_shot_codes_collide_with_no_daemon_code() -> None:
+    """65, 66, 68, 79, 124 are none of the codes the daemon uses nor any the unit file's exit rules name."""
+    assert {65, 66, 68, 79, 124} == ONE_SHOT_ONLY
+    assert not ONE_SHOT_ONLY & {0, 1, 2, 69, 75, 77, 78, 130}
+    unit = (Path(__file__).resolve().parents[2] / "systemd" / "edge-agent.service").read_text()
+    named = {int(code) for line in unit.splitlines() if line.split("=", 1)[0].endswith("ExitStatus")
+             for code in line.split("=", 1)[1].split() if code.isdigit()}
+    assert {2, 75, 77, 78} <= named
+    assert not ONE_SHOT_ONLY & named
+
+
 def test_help_lists_the_exit_codes() -> None:
-    """`edge-agent --help` ends with the exit code table."""
+    """`edge-agent --help` ends with the exit code table, every code in it."""
     text = build_parser().format_help()
     assert EXIT_CODES_HELP.splitlines()[0] in text
-    for code in ("69", "75", "77", "78"):
+    for code in ("69", "75", "77", "78", "65", "66", "68", "79", "124", "130"):
         assert f"\n  {code} " in text
 
 

@@ -160,6 +160,38 @@ def test_on_connect_the_current_status_goes_first_then_discovery_then_the_buffer
     assert json.loads(p.link.published[-1][1])["kind"] == "pull_started"
 
 
+def test_on_connect_buffered_telemetry_is_replayed_on_its_own_topic_not_retained(tmp_path: Path) -> None:
+    """Readings kept while offline go to telemetry/replay (where HA does not read), events to the events topic,
+    in order and never retained: the retained telemetry is not overwritten with a reading of the past."""
+    buffer = TelemetryBuffer(tmp_path, max_bytes=1 << 20, max_age_s=3600)
+    p = make(connected=False, buffer=buffer)
+    p.status.send(TOPICS.telemetry, b'{"ts": 1}', retain=True)
+    p.status.emit_event("failover", "local_broker_unreachable", {})
+    p.status.send(TOPICS.telemetry, b'{"ts": 2}', retain=True)
+    p.link.connected = True
+    p.status.connected()
+    replayed = [(t, json.loads(b), r) for t, b, r in p.link.published if t != TOPICS.status]
+    assert [(t, r) for t, _, r in replayed] == [
+        (TOPICS.telemetry_replay, False), (TOPICS.events, False), (TOPICS.telemetry_replay, False)]
+    assert [body.get("ts") for t, body, _ in replayed if t == TOPICS.telemetry_replay] == [1, 2]
+    assert TOPICS.telemetry not in p.link.topics()
+    assert buffer.pending(now=0) == []
+
+
+def test_a_send_with_records_left_replays_them_elsewhere_then_publishes_the_current_one(tmp_path: Path) -> None:
+    """Connected again before the on-connect replay ran (paho reconnected, the main loop has not handled it):
+    the kept readings go to the replay topic, not retained, and only the new reading is retained telemetry."""
+    buffer = TelemetryBuffer(tmp_path, max_bytes=1 << 20, max_age_s=3600)
+    p = make(connected=False, buffer=buffer)
+    p.status.send(TOPICS.telemetry, b'{"ts": 1}', retain=True)
+    p.status.emit_event("failover", "local_broker_unreachable", {})
+    p.link.connected = True
+    p.status.send(TOPICS.telemetry, b'{"ts": 3}', retain=True)
+    assert [(t, r) for t, _, r in p.link.published] == [
+        (TOPICS.telemetry_replay, False), (TOPICS.events, False), (TOPICS.telemetry, True)]
+    assert json.loads(p.link.published[-1][1]) == {"ts": 3}
+
+
 def test_without_discovery_on_connect_is_only_the_status() -> None:
     """HA discovery is off by default: a connect publishes the retained status alone."""
     p = make()

@@ -98,6 +98,19 @@ def test_send_buffers_while_offline_and_replays_before_the_new_one(tmp_path: Pat
     assert buf.size_bytes() == 0
 
 
+def test_send_hands_the_backlog_to_replay_and_only_the_new_one_to_publish(tmp_path: Path) -> None:
+    """With ``replay`` given, the kept messages go there (in order) and ``publish`` gets only the one of now."""
+    buf = make(tmp_path)
+    replayed: list[tuple[str, bytes]] = []
+    published: list[tuple[str, bytes]] = []
+    for i in range(2):
+        buf.send("t", payload(i), T0 + i, connected=False, publish=lambda t, p: published.append((t, p)))
+    buf.send("t", payload(2), T0 + 2, connected=True, publish=lambda t, p: published.append((t, p)),
+             replay=lambda t, p: replayed.append((t, p)))
+    assert replayed == [("t", payload(0)), ("t", payload(1))]
+    assert published == [("t", payload(2))]
+
+
 def test_record_larger_than_the_buffer_is_refused(tmp_path: Path) -> None:
     """A single record bigger than max_bytes is not kept (it could never fit)."""
     buf = make(tmp_path, max_bytes=4096)
