@@ -7,6 +7,7 @@ behaviour a client relies on.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import openai
 import pytest
 
 from tests.support.broker import Broker, free_port, wait_port
-from tests.support.daemon import REPO, DaemonProcess, Daemons, write_config
+from tests.support.daemon import REPO, Client, DaemonProcess, Daemons, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -46,11 +47,33 @@ class Fleet:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
 
 
-def _gateway_config(path: Path, broker_port: int) -> Path:
+def _gateway_config(path: Path, broker_port: int, timeout_s: float = 30) -> Path:
     path.write_text(f'[mqtt]\nhost = "127.0.0.1"\nport = {broker_port}\ntopic_prefix = "edge"\n'
                     '[log]\nlevel = "debug"\nformat = "json"\n'
-                    '[gateway]\nrequest_timeout_s = 30\n')
+                    f'[gateway]\nrequest_timeout_s = {timeout_s}\n')
     return path
+
+
+def _start_gateway(base: Path, broker_port: int, port: int, timeout_s: float = 30) -> subprocess.Popen[bytes]:
+    """``python -m agent gateway`` on ``port`` with the module's token from the environment; waits until it listens."""
+    config = _gateway_config(base.with_suffix(".toml"), broker_port, timeout_s)
+    with base.with_suffix(".log").open("wb") as log:
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "agent", "gateway", "--config", str(config), "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "EDGE_AGENT_GATEWAY__TOKEN": TOKEN},
+        )
+    wait_port(port, timeout=20)
+    return gateway
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -78,23 +101,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]
         for daemon in procs.values():
             daemon.wait_event("agent_started", timeout=60)
         port = free_port()
-        log_path = work / "gateway.log"
-        config = _gateway_config(work / "gw.toml", broker.port)
-        with log_path.open("wb") as log:
-            gateway = subprocess.Popen(
-                [sys.executable, "-m", "agent", "gateway", "--config", str(config), "--port", str(port)],
-                stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", "EDGE_AGENT_GATEWAY__TOKEN": TOKEN},
-            )
-        wait_port(port, timeout=20)
-        yield Fleet(broker, procs, f"http://127.0.0.1:{port}", gateway, log_path)
+        gateway = _start_gateway(work / "gw", broker.port, port)
+        yield Fleet(broker, procs, f"http://127.0.0.1:{port}", gateway, work / "gw.log")
     finally:
         if gateway is not None:
-            gateway.terminate()
-            try:
-                gateway.wait(10)
-            except subprocess.TimeoutExpired:
-                gateway.kill()
+            _stop(gateway)
         daemons.stop_all()
         broker.stop()
 
@@ -176,19 +187,20 @@ def test_refused_fields_are_400(fleet: Fleet) -> None:
     assert "n" in info.value.message
 
 
-def _slow_stream(fleet: Fleet) -> openai.Stream:  # type: ignore[type-arg]
+def _slow_stream(fleet: Fleet) -> tuple[openai.Stream, str]:  # type: ignore[type-arg]
+    """A long streamed generation on slow-1, once its text flows; and the request's id on the wire."""
     stream = fleet.openai().chat.completions.create(
         model="slow-1", messages=[{"role": "user", "content": "Tell me a long story"}], max_tokens=900,
         stream=True)
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
-            return stream  # generating now
+            return stream, chunk.id.removeprefix("chatcmpl-")  # generating now
     raise AssertionError("the stream ended before any text")
 
 
 def test_overloaded_is_429_with_retry_after(fleet: Fleet) -> None:
     """A device with its one slot busy and no queue refuses the next request: 429 with Retry-After."""
-    stream = _slow_stream(fleet)
+    stream, request_id = _slow_stream(fleet)
     try:
         with pytest.raises(openai.RateLimitError) as info:
             fleet.openai().chat.completions.create(model="slow-1", messages=[{"role": "user", "content": "Hi"}],
@@ -198,18 +210,69 @@ def test_overloaded_is_429_with_retry_after(fleet: Fleet) -> None:
         assert info.value.body["code"] == "overloaded"  # type: ignore[index]
     finally:
         stream.close()
+        # The slot is free again once the cancelled request is done (the next test needs it).
+        fleet.daemons["slow-1"].wait_event("request_done", timeout=15, id=request_id)
 
 
 def test_client_disconnect_cancels_generation(fleet: Fleet) -> None:
     """Closing a stream mid-generation cancels the request on the device: it logs cancel_requested and ends the
     request with finish_reason 'cancelled' long before max_tokens."""
     daemon = fleet.daemons["slow-1"]
-    stream = _slow_stream(fleet)
+    stream, request_id = _slow_stream(fleet)
     stream.close()
-    cancel = daemon.wait_event("cancel_requested", timeout=15)
-    done = daemon.wait_event("request_done", timeout=15, id=cancel["id"])
+    daemon.wait_event("cancel_requested", timeout=15, id=request_id)
+    done = daemon.wait_event("request_done", timeout=15, id=request_id)
     assert done["finish_reason"] == "cancelled"
     assert done["tokens"] < 900
+
+
+def test_timeout_is_504_and_cancels(fleet: Fleet, tmp_path: Path) -> None:
+    """A request without its final reply within [gateway] request_timeout_s is a 504, and the device is told to
+    stop (cancel_requested)."""
+    port = free_port()
+    gateway = _start_gateway(tmp_path / "gw-short", fleet.broker.port, port, timeout_s=0.5)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=TOKEN, max_retries=0, timeout=30)
+        with pytest.raises(openai.InternalServerError) as info:
+            client.chat.completions.create(model="slow-1", messages=[{"role": "user", "content": "A long story"}],
+                                           max_tokens=900)
+        assert info.value.status_code == 504
+        assert info.value.body["code"] == "timeout"  # type: ignore[index]
+    finally:
+        _stop(gateway)
+    logged = [json.loads(line) for line in (tmp_path / "gw-short.log").read_text().splitlines() if line.startswith("{")]
+    cancelled = [e["id"] for e in logged if e.get("event") == "gateway_request_cancelled"]
+    assert len(cancelled) == 1
+    done = fleet.daemons["slow-1"].wait_event("request_done", timeout=15, id=cancelled[0])
+    assert done["finish_reason"] == "cancelled"
+
+
+def test_draining_device_is_503_and_left_out_of_its_group(fleet: Fleet) -> None:
+    """A draining device answers 503 with Retry-After, and its group sends work to the other member."""
+    mqtt = Client(fleet.broker.port)
+    try:
+        mqtt.publish("edge/kitchen-2/cmd/drain", {"id": "drain-gw"})
+        mqtt.retained("edge/kitchen-2/status", state="draining")
+        client = fleet.openai()
+        refused: openai.APIStatusError | None = None
+        deadline = time.monotonic() + 10
+        while refused is None or refused.status_code != 503:  # the gateway sees the status a moment after us
+            assert time.monotonic() < deadline, f"kitchen-2 not refused 503 while draining (last: {refused})"
+            try:
+                client.chat.completions.create(model="kitchen-2", messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=4)
+            except openai.APIStatusError as exc:
+                refused = exc  # 429 'overloaded' until the gateway knows it drains
+            time.sleep(0.2)
+        assert int(refused.response.headers["retry-after"]) >= 1
+        for _ in range(3):
+            reply = client.chat.completions.create(model="group:kitchen", messages=[{"role": "user", "content": "Hi"}],
+                                                   max_tokens=4)
+            assert reply.system_fingerprint == "edge-agent:kitchen-1"
+    finally:
+        mqtt.publish("edge/kitchen-2/cmd/resume", {"id": "resume-gw"})
+        mqtt.retained("edge/kitchen-2/status", state="online")
+        mqtt.close()
 
 
 # -- Ollama -------------------------------------------------------------------------------------------
