@@ -49,7 +49,7 @@ class WireBody:
             request = InferRequest.model_validate(self.fields)
         except ValidationError as exc:
             raise bad_request(describe_error(exc, "request")) from exc
-        return request.model_dump(mode="json", exclude_unset=True)
+        return request.model_dump(mode="json", exclude_unset=True, by_alias=True)
 
 
 def text_of(content: Any, where: str) -> str:
