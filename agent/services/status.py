@@ -146,6 +146,8 @@ class StatusService:
                 ha_prefix=settings.telemetry.ha_prefix,
                 interval_s=settings.telemetry.interval_s,
                 has_battery=bool(snap and snap.power.batteries),
+                has_throttle=bool(snap and snap.thermal.throttle is not None),
+                commands=self._commands(),
                 board=snap.board if snap else None,
                 version=__version__,
             ):

@@ -217,6 +217,7 @@ def ha_node_id(device_id: str) -> str:
     return "edge_agent_" + re.sub(r"[^a-zA-Z0-9_-]", "_", device_id)
 
 
-def ha_config_topic(ha_prefix: str, device_id: str, object_id: str) -> str:
-    """Where one sensor's retained discovery config goes (``<ha_prefix>/sensor/<node_id>/<object_id>/config``)."""
-    return f"{ha_prefix}/sensor/{ha_node_id(device_id)}/{object_id}/config"
+def ha_config_topic(ha_prefix: str, device_id: str, object_id: str, *, component: str = "sensor") -> str:
+    """Where one entity's retained discovery config goes (``<ha_prefix>/<component>/<node_id>/<object_id>/config``;
+    ``component`` is HA's platform: sensor, binary_sensor, button)."""
+    return f"{ha_prefix}/{component}/{ha_node_id(device_id)}/{object_id}/config"

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from agent.services.ha_discovery import SENSORS
 from agent.transport.telemetry import Telemetry
 from tests.support.broker import Broker
 from tests.support.daemon import DaemonProcess, write_config
@@ -223,8 +224,9 @@ def test_telemetry_status_and_home_assistant_discovery(edge_broker, board, daemo
     time.sleep(0.3)
     configs = {s.topic: s for s in ha.seen if s.topic.startswith("homeassistant/")}
     assert all(s.retain for s in configs.values())
-    sensors = {t: s.json() for t, s in configs.items()}
-    assert {t.split("/")[3] for t in sensors} == {"temperature", "mode", "tokens_per_second", "queue_depth"}
+    # Binary sensors and buttons: tests/integration/test_home_assistant.py.
+    sensors = {t: s.json() for t, s in configs.items() if t.startswith("homeassistant/sensor/")}
+    assert {t.split("/")[3] for t in sensors} == {spec.object_id for spec in SENSORS} - {"battery"}
     assert len({c["unique_id"] for c in sensors.values()}) == len(sensors)
     for config in sensors.values():
         assert config["state_topic"] == f"{PREFIX}/dev1/telemetry"

@@ -192,6 +192,18 @@ def test_a_send_with_records_left_replays_them_elsewhere_then_publishes_the_curr
     assert json.loads(p.link.published[-1][1]) == {"ts": 3}
 
 
+def test_discovery_offers_the_command_buttons_only_to_a_device_running_unsigned_commands() -> None:
+    """The fleet command policy decides: buttons for 'unsigned', empty (deleting) configs otherwise."""
+    for policy, expected in (("unsigned", True), ("signed", False), ("refused", False)):
+        p = make(telemetry={"ha_discovery": True})
+        p.flags["commands"] = policy
+        p.status.connected()
+        buttons = [payload for t, payload, retain in p.link.published if t.startswith("homeassistant/button/")]
+        assert len(buttons) == 3
+        assert all(bool(b) is expected for b in buttons), policy
+        assert all(retain for t, _, retain in p.link.published if t.startswith("homeassistant/"))
+
+
 def test_without_discovery_on_connect_is_only_the_status() -> None:
     """HA discovery is off by default: a connect publishes the retained status alone."""
     p = make()
