@@ -60,7 +60,8 @@ def test_the_documented_request_is_valid_for_the_device() -> None:
 
 def test_the_documented_answer_handling_reads_a_final_reply() -> None:
     """The second automation triggers on the request's reply_to, accepts the final reply of that request
-    (not an error, not another request's) and turns its JSON text into the notification."""
+    (not an error, not one cut short by max_tokens, not another request's) and turns its JSON text into the
+    notification."""
     ask, use = automations()
     body = json.loads(ha_env().from_string(ask["actions"][0]["data"]["payload"]).render())
     [trigger] = use["triggers"]
@@ -82,6 +83,7 @@ def test_the_documented_answer_handling_reads_a_final_reply() -> None:
     }).model_dump(mode="json", exclude_none=True)
     assert accepts(final)
     assert not accepts({**final, "id": "someone-else"})
+    assert not accepts({**final, "finish_reason": "length", "text": '{"advice": "Cold'})  # cut short: no JSON
     assert not accepts(error)
     variables, notify = use["actions"]
     answer = ha_env(native=True).from_string(variables["variables"]["answer"]).render(
