@@ -44,7 +44,8 @@ class Exchange:
         self.target = target
         self.request_id = request_id
         self.timeout_s = timeout_s
-        self.deadline = time.monotonic() + timeout_s
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout_s
         self.finished = False  # the final reply (or an error reply) arrived
         self.closed = False
         self.cancelled = False  # a cancel was published for it
@@ -193,6 +194,9 @@ class GatewayClient:
                 del self.in_flight[device]
         if not exchange.finished:
             self.cancel(exchange)
+        log.info("gateway_request_closed", id=exchange.request_id, target=exchange.target.name, device=device,
+                 finished=exchange.finished, cancelled=exchange.cancelled,
+                 ms=round((time.monotonic() - exchange.started) * 1000, 1))
 
     def cancel(self, exchange: Exchange) -> None:
         """Publish a cancel for the exchange's request: to its device, or for the fleet share to every live device

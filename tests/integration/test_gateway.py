@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import ollama
@@ -226,6 +227,26 @@ def test_client_disconnect_cancels_generation(fleet: Fleet) -> None:
     assert done["tokens"] < 900
 
 
+def _logged(path: Path, event: str) -> list[dict[str, Any]]:
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [e for e in (json.loads(line) for line in lines if line.startswith("{")) if e.get("event") == event]
+
+
+def test_disconnect_while_waiting_for_a_whole_answer_cancels(fleet: Fleet) -> None:
+    """A client that gives up on a non-streamed answer (here: its read timeout) gets the generation cancelled too."""
+    before = {e["id"] for e in _logged(fleet.gateway_log, "gateway_request_cancelled")}
+    with fleet.http() as http, pytest.raises(httpx.ReadTimeout):
+        http.post("/api/chat", timeout=1.5, json={
+            "model": "slow-1", "stream": False, "messages": [{"role": "user", "content": "A long story"}],
+            "options": {"num_predict": 900}})
+    deadline = time.monotonic() + 10
+    while not (cancelled := {e["id"] for e in _logged(fleet.gateway_log, "gateway_request_cancelled")} - before):
+        assert time.monotonic() < deadline, "the gateway did not cancel"
+        time.sleep(0.1)
+    done = fleet.daemons["slow-1"].wait_event("request_done", timeout=15, id=cancelled.pop())
+    assert done["finish_reason"] == "cancelled"
+
+
 def test_timeout_is_504_and_cancels(fleet: Fleet, tmp_path: Path) -> None:
     """A request without its final reply within [gateway] request_timeout_s is a 504, and the device is told to
     stop (cancel_requested)."""
@@ -240,8 +261,7 @@ def test_timeout_is_504_and_cancels(fleet: Fleet, tmp_path: Path) -> None:
         assert info.value.body["code"] == "timeout"  # type: ignore[index]
     finally:
         _stop(gateway)
-    logged = [json.loads(line) for line in (tmp_path / "gw-short.log").read_text().splitlines() if line.startswith("{")]
-    cancelled = [e["id"] for e in logged if e.get("event") == "gateway_request_cancelled"]
+    cancelled = [e["id"] for e in _logged(tmp_path / "gw-short.log", "gateway_request_cancelled")]
     assert len(cancelled) == 1
     done = fleet.daemons["slow-1"].wait_event("request_done", timeout=15, id=cancelled[0])
     assert done["finish_reason"] == "cancelled"
