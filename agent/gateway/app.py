@@ -197,6 +197,9 @@ class Gateway:
                 return error_response(exc, shape)
             except ClientGone:
                 return Response(status_code=499)  # nobody reads it
+            except Exception:  # a bug: the client still gets its API's error shape, the log the traceback
+                log.exception("gateway_handler_crashed", path=request.url.path)
+                return error_response(GatewayError(500, "internal", "internal error in the gateway"), shape)
             return response
 
         return run

@@ -157,8 +157,12 @@ class GatewayClient:
         """Publish ``payload`` (a finished wire request with an ``id``) to ``target``; its replies go to the exchange.
 
         The request carries the gateway's timeout as ``deadline_ms`` and MQTT 5 Message Expiry, so a device does
-        not start work the gateway no longer waits for.
+        not start work the gateway no longer waits for. Raises :class:`GatewayError` 503 while the broker connection
+        is down, 413 when the broker's packet size limit refuses the request.
         """
+        if not self.connected:
+            # A QoS 1 publish would wait in paho's queue for the reconnect; say so instead of hanging until the timeout.
+            raise GatewayError(503, "unavailable", "the gateway has no broker connection; try again shortly", 5)
         request_id = str(payload["id"])
         exchange = Exchange(self, target, request_id, self.timeout_s)
         reply = self.reply_topic(target)
