@@ -68,8 +68,8 @@ class RateLimitedError(OverloadedError):
 
 
 class NotFoundError(AgentError, LookupError):
-    """What an operator's command names does not exist (no retained status for a device). Not a wire error
-    code: it ends a one-shot command (exit 66)."""
+    """What an operator's command names does not exist (no retained status for a device, nothing cached
+    matches). Not a wire error code: it ends a one-shot command (exit 66)."""
 
     code = "not_found"
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from agent.cli import ask, chat, completion, config_cmd, fleet, gateway, models, probe, run, status
+from agent.cli import ask, chat, completion, config_cmd, fleet, gateway, models, models_cache, probe, run, status
 
 COMMAND_MODULES: tuple[ModuleType, ...] = (
-    ask, chat, completion, config_cmd, fleet, gateway, models, probe, run, status,
+    ask, chat, completion, config_cmd, fleet, gateway, models, models_cache, probe, run, status,
 )

@@ -32,7 +32,7 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2  # argparse's own
 EXIT_BAD_REQUEST = 65  # EX_DATAERR: the device refused the request (bad_request, too_large)
-EXIT_NOT_FOUND = 66  # EX_NOINPUT: no retained status for the device
+EXIT_NOT_FOUND = 66  # EX_NOINPUT: no retained status for the device, nothing cached matches
 EXIT_BROKER_UNREACHABLE = 68  # EX_NOHOST: the broker cannot be reached or refused us
 EXIT_MODEL_UNAVAILABLE = 69  # EX_UNAVAILABLE
 EXIT_RESTART = 75  # EX_TEMPFAIL; agent.daemon.RESTART_EXIT_CODE
@@ -61,7 +61,7 @@ EXIT_CODES_HELP = """exit codes (the unit restarts on 1, 69, 75; RestartPreventE
        (an error reply not listed below, plan: nothing fits, fleet cmd: a device failed or was silent)
   2    command-line usage error
   65   bad request: the device refused the request (bad_request, too_large)
-  66   not found: no retained status for the device
+  66   not found: no retained status for the device; nothing cached matches (models rm)
   68   broker unreachable (or it refused the connection or subscription)
   69   model unavailable: pull failed, Hub unreachable and nothing cached, load failed (restarted);
        ask/chat: the device has no model loaded

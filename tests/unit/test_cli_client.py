@@ -206,7 +206,8 @@ def test_completion_names_every_command_and_option() -> None:
     parser = build_parser()
     nodes = walk(parser)
     paths = {n.path for n in nodes}
-    assert {"ask", "chat", "status", "config check", "fleet cmd", "completion", "pull", "plan", "run"} <= paths
+    assert {"ask", "chat", "status", "models ls", "models rm", "models prune", "config check", "fleet cmd",
+            "completion", "pull", "plan", "run"} <= paths
     for shell in ("bash", "zsh"):
         script = completion_script(parser, shell)
         for node in nodes:
@@ -231,8 +232,8 @@ def test_the_bash_script_completes_commands_actions_options_and_choices() -> Non
     option's value is skipped when finding the command path."""
     script = completion_script(build_parser(), "bash")
     assert subprocess.run(["bash", "-n"], input=script, text=True, check=False).returncode == 0
-    assert {"ask", "chat", "completion", "status"} <= set(complete(script, "edge-agent", ""))
-    assert complete(script, "edge-agent", "config", "") == ["check", "reset-overrides"]
+    assert {"ask", "chat", "models", "completion", "status"} <= set(complete(script, "edge-agent", ""))
+    assert complete(script, "edge-agent", "models", "") == ["ls", "rm", "prune"]
     assert complete(script, "edge-agent", "completion", "") == ["bash", "zsh"]
     assert "--system" in complete(script, "edge-agent", "chat", "--config", "x.toml", "--")
     assert complete(script, "edge-agent", "ask", "--js") == ["--json"]
