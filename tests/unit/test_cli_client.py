@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import pty
 import re
 import shutil
 import subprocess
@@ -184,6 +186,30 @@ def test_a_cache_hit_draws_no_bar_and_a_resumed_pull_starts_where_it_stands() ->
     bar(8 * 2**20, 8 * 2**20)  # the last byte reported twice: still one bar, ended once
     assert stream.getvalue().count("\n") == 1
     assert stream.getvalue().rsplit("\r", 1)[-1].startswith("x: 100%")
+
+
+def test_end_line_false_leaves_the_newline_to_the_caller() -> None:
+    """end_line=False (pull writes its own newline after the transfer): the finished bar ends without one,
+    and neither a later close() nor garbage collection adds any."""
+    stream = io.StringIO()
+    bar = TransferBar("x", stream=stream, mininterval=0, end_line=False)
+    bar(2**20, 2**20)
+    bar.close()
+    del bar
+    assert "100%" in stream.getvalue()
+    assert "\n" not in stream.getvalue()
+
+
+def test_a_terminal_that_reports_no_size_still_gets_a_bar() -> None:
+    """A fresh pty (0 rows, 0 columns, as over some serial consoles) draws an 80-column bar, not nothing."""
+    master, slave = pty.openpty()
+    with os.fdopen(slave, "w", encoding="utf-8") as terminal:
+        bar = TransferBar("x", stream=terminal, mininterval=0)
+        bar(2**20, 2**20)
+        terminal.flush()
+        drawn = os.read(master, 65536).decode()
+    os.close(master)
+    assert "x: 100%" in drawn
 
 
 def test_no_bar_off_a_terminal_or_in_json_mode() -> None:
