@@ -258,6 +258,15 @@ class Gateway:
         req = ollama_api.parse(ollama_api.ShowRequest, await _json(request))
         return JSONResponse(ollama_api.show(self.client.directory.entry(req.target)))
 
+    async def ollama_pull(self, request: Request) -> Response:
+        # Clients (Home Assistant's setup) pull a model they do not see as present. A live target has nothing to
+        # download: success at once; anything else is a 404. Devices change models by fleet command, not here.
+        req = ollama_api.parse(ollama_api.PullRequest, await _json(request))
+        self.client.directory.resolve(req.target)
+        if req.stream:
+            return Response(_line(ollama_api.pulled()), media_type="application/x-ndjson")
+        return JSONResponse(ollama_api.pulled())
+
     async def ollama_version(self, request: Request) -> Response:
         return JSONResponse(ollama_api.version())
 
@@ -318,6 +327,7 @@ def build_app(client: GatewayClient, token: str | None) -> Starlette:
         Route("/api/ps", gw.guarded(gw.ollama_ps), methods=["GET"]),
         Route("/api/show", gw.guarded(gw.ollama_show), methods=["POST"]),
         Route("/api/version", gw.guarded(gw.ollama_version), methods=["GET"]),
+        Route("/api/pull", gw.guarded(gw.ollama_pull), methods=["POST"]),
         Route("/api/chat", gw.guarded(gw.ollama_chat), methods=["POST"]),
         Route("/api/generate", gw.guarded(gw.ollama_generate), methods=["POST"]),
     ]

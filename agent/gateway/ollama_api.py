@@ -78,6 +78,15 @@ class ShowRequest(_Body):
         return name
 
 
+class PullRequest(ShowRequest):
+    stream: bool = True
+
+
+def pulled() -> dict[str, Any]:
+    """``/api/pull``'s answer for a live target: nothing to download."""
+    return {"status": "success"}
+
+
 def parse(model: type[_Body], data: Any) -> Any:
     """``data`` as ``model``, or a 400 naming the bad fields."""
     if not isinstance(data, dict):

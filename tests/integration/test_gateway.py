@@ -323,7 +323,8 @@ def test_ollama_generate(fleet: Fleet) -> None:
 
 
 def test_ollama_list_show_ps_version(fleet: Fleet) -> None:
-    """ollama list/ps/show describe the live targets; /api/version answers; an unknown model is a 404."""
+    """ollama list/ps/show describe the live targets, pull of one succeeds, /api/version answers; an unknown model
+    is a 404."""
     client = fleet.ollama()
     names = {m.model for m in client.list().models}
     assert {"kitchen-1", "group:kitchen", "fleet"} <= names
@@ -331,6 +332,7 @@ def test_ollama_list_show_ps_version(fleet: Fleet) -> None:
     shown = client.show("group:kitchen")
     assert shown.modelinfo is not None and sorted(shown.modelinfo["edge_agent.devices"]) == ["kitchen-1", "kitchen-2"]
     assert shown.details is not None and shown.details.format == "gguf"
+    assert client.pull("kitchen-1").status == "success"  # a live target: nothing to download
     with fleet.http() as http:
         assert http.get("/api/version").json()["version"]
     with pytest.raises(ollama.ResponseError) as info:

@@ -90,7 +90,16 @@ def test_no_broker_is_503_with_retry_after(http: TestClient) -> None:
     assert reply.json()["error"]["code"] == "unavailable"
 
 
-@pytest.mark.parametrize(("method", "path"), [("POST", "/api/pull"), ("POST", "/v1/completions"),
+def test_pull_of_a_live_target_succeeds(http: TestClient) -> None:
+    """Pulling a live target (Home Assistant's setup does) succeeds at once; pulling anything else is a 404."""
+    assert http.post("/api/pull", json={"model": "pi-1:latest", "stream": False}, headers=AUTH).json() == {
+        "status": "success"}
+    streamed = http.post("/api/pull", json={"name": "pi-1"}, headers=AUTH)
+    assert [json.loads(line) for line in streamed.text.splitlines()] == [{"status": "success"}]
+    assert http.post("/api/pull", json={"model": "llama3"}, headers=AUTH).status_code == 404
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/api/push"), ("POST", "/v1/completions"),
                                               ("GET", "/v1/chat/completions")])
 def test_unsupported_routes(http: TestClient, method: str, path: str) -> None:
     """Endpoints the gateway does not provide answer 404/405 in the API's error shape, naming docs/gateway.md."""
