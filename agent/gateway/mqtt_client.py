@@ -230,6 +230,8 @@ class GatewayClient:
         if isinstance(event, Incoming):
             if self.directory.observe(event.topic, event.payload):
                 self._observed_at = time.monotonic()
+                if event.topic.endswith("/status"):
+                    self._fail_if_gone(event.topic.rsplit("/", 2)[-2])
             elif event.topic.endswith(f"/reply/{self.client_id}"):
                 self._reply(event)
         elif isinstance(event, Disconnected):
@@ -238,6 +240,18 @@ class GatewayClient:
                 exchange.abort(GatewayError(502, "transport", "the gateway lost its broker connection"))
         elif isinstance(event, Connected):
             log.info("gateway_mqtt_connected", session_present=event.session_present)
+
+    def _fail_if_gone(self, device_id: str) -> None:
+        """A device that went offline (its will, a clean stop) will not answer: fail its requests now, not at the
+        timeout. Its persistent session may still run them after a restart; nobody waits for those answers."""
+        entry = self.directory.device(device_id)
+        if entry is not None and entry.live:
+            return
+        state = entry.state if entry is not None else "gone"
+        for exchange in list(self._pending.values()):
+            if exchange.target.device_id == device_id:
+                message = f"device {device_id!r} went {state} before answering"
+                exchange.abort(GatewayError(502, "device_offline", message))
 
     def _reply(self, message: Incoming) -> None:
         try:

@@ -388,6 +388,35 @@ def test_exchange_error_reply_from_a_draining_device_is_503() -> None:
     asyncio.run(run())
 
 
+def test_requests_to_a_device_that_goes_offline_fail_502() -> None:
+    """When a device's status turns offline (its will), its requests fail at once with 502, others wait on."""
+    from agent.gateway.mqtt_client import GatewayClient
+    from agent.settings import Settings
+    from agent.transport.mqtt import Incoming
+
+    async def run() -> None:
+        client = GatewayClient(Settings(device_id="ops"))  # type: ignore[call-arg]
+        for device in ("a", "b"):
+            client._handle(_incoming(Incoming, f"edge/{device}/status", {"state": "online", "device_id": device}))
+        to_a = Exchange(client, Target("a", "a"), "r1", timeout_s=5)
+        to_b = Exchange(client, Target("b", "b"), "r2", timeout_s=0.1)
+        client._pending.update({"r1": to_a, "r2": to_b})
+        client._handle(_incoming(Incoming, "edge/a/status", {"state": "offline", "device_id": "a"}))
+        with pytest.raises(GatewayError) as info:
+            await to_a.next()
+        assert (info.value.status, info.value.code) == (502, "device_offline")
+        with pytest.raises(GatewayError) as waited:
+            await to_b.next()
+        assert waited.value.status == 504  # b is still online: its request ran into its own timeout
+
+    asyncio.run(run())
+
+
+def _incoming(cls: Any, topic: str, body: dict[str, Any]) -> Any:
+    return cls(topic=topic, payload=json.dumps(body).encode(), qos=1, mid=1, dup=False, response_topic=None,
+               correlation_data=None, message_expiry_s=None, received_at=0.0)
+
+
 @pytest.mark.parametrize(("host", "token", "ok"), [
     ("127.0.0.1", None, True), ("::1", None, True), ("localhost", None, True),
     ("0.0.0.0", None, False), ("192.0.2.7", None, False), ("0.0.0.0", "t", True),  # noqa: S104
