@@ -8,6 +8,7 @@ everything else is pinned by exact token counts, finish reasons, slots and what 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         # A q8_0 KV cache needs head sizes that are whole q8_0 blocks (32); the default tiny heads are 16.
         "heads32": write_tiny_llama(directory / "llama-heads32.gguf", tensor_type="Q8_0", n_embd=128, n_head=4),
         "gemma3": write_tiny_gemma3(directory / "gemma3-q8_0.gguf", tensor_type="Q8_0", sliding_window=WINDOW),
+        "gemma3_heads32": write_tiny_gemma3(
+            directory / "gemma3-heads32.gguf", tensor_type="Q8_0", sliding_window=WINDOW, n_embd=128
+        ),
     }
 
 
@@ -106,11 +110,13 @@ def drain(engine: LlamaEngine, limit: int = 5000) -> int:
     return steps
 
 
-def raw_greedy(
-    path: Path, prompt: str, max_tokens: int, *, context: dict[str, object] | None = None, repeat_penalty: float = 1.0
-) -> str:
-    """What llama-cpp-python's high-level Llama (``context``: extra constructor arguments) generates greedily."""
-    llm = llama_cpp.Llama(str(path), n_ctx=N_CTX, n_threads=THREADS, verbose=False, **(context or {}))  # type: ignore[arg-type]
+@functools.cache  # a pure function of the file and arguments; tests for 1 and 4 slots share the reference
+def raw_greedy(path: Path, prompt: str, max_tokens: int, *, kv8: bool = False, repeat_penalty: float = 1.0) -> str:
+    """What llama-cpp-python's high-level Llama generates greedily (``kv8``: with a q8_0 KV cache)."""
+    context = (
+        {"type_k": llama_cpp.GGML_TYPE_Q8_0, "type_v": llama_cpp.GGML_TYPE_Q8_0, "flash_attn": True} if kv8 else {}
+    )
+    llm = llama_cpp.Llama(str(path), n_ctx=N_CTX, n_threads=THREADS, verbose=False, **context)
     try:
         out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, repeat_penalty=repeat_penalty)
         return out["choices"][0]["text"]  # type: ignore[index]
@@ -161,6 +167,23 @@ class TestSingleSequence:
                 assert ours.text == raw["choices"][0]["text"]  # type: ignore[index]
         finally:
             llm.close()
+
+    def test_chat_prompt_equals_raw_llama_chat_completion(self, models, engines) -> None:
+        """Messages rendered with the model's own template give raw Llama's greedy chat reply."""
+        path = models["Q8_0"]
+        engine = engines(path, parallel=2)
+        messages = [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hello there, how are you?"},
+        ]
+        ours = engine.generate(engine.tokenize_chat(messages), greedy(30), lambda _s: None, lambda: False)
+        llm = llama_cpp.Llama(str(path), n_ctx=N_CTX, n_threads=THREADS, verbose=False)
+        try:
+            raw = llm.create_chat_completion(messages, max_tokens=30, temperature=0.0)  # type: ignore[arg-type]
+        finally:
+            llm.close()
+        assert ours.text == raw["choices"][0]["message"]["content"]  # type: ignore[index]
+        assert ours.prompt_tokens == raw["usage"]["prompt_tokens"]  # type: ignore[index]
 
     def test_empty_prompt_is_a_bad_request(self, models, engines) -> None:
         """An empty prompt raises BadRequestError and leaves every slot free."""
@@ -476,6 +499,15 @@ class TestSlidingWindow:
 
 
 class TestKvCacheType:
+    def test_q8_0_kv_cache_with_a_sliding_window(self, models, engines) -> None:
+        """Gemma 3 with a q8_0 KV cache serves three sequences at once and matches raw Llama for one alone."""
+        path = models["gemma3_heads32"]
+        engine = engines(path, parallel=3, kv_type="q8_0", prefill_chunk=8)
+        seqs = [Seq().start(engine, engine.tokenize_prompt(PREFIX + p), greedy(40)) for p in PROMPTS[:3]]
+        drain(engine)
+        assert [s.result.completion_tokens for s in seqs] == [40, 40, 40]
+        assert alone(engine, PROMPTS[1], 40).text == raw_greedy(path, PROMPTS[1], 40, kv8=True)
+
     def test_q8_0_kv_cache_loads_and_generates(self, models, engines) -> None:
         """kv_type='q8_0' (flash attention) loads, serves two sequences, and matches raw Llama for one alone."""
         path = models["heads32"]
@@ -484,8 +516,7 @@ class TestKvCacheType:
         seqs = [Seq().start(engine, engine.tokenize_prompt(PROMPTS[i]), greedy(n)) for i, n in enumerate((20, 35))]
         drain(engine)
         assert [s.result.completion_tokens for s in seqs] == [20, 35]
-        kv8 = {"type_k": llama_cpp.GGML_TYPE_Q8_0, "type_v": llama_cpp.GGML_TYPE_Q8_0, "flash_attn": True}
-        raw = raw_greedy(path, PROMPTS[2], 30, context=kv8)
+        raw = raw_greedy(path, PROMPTS[2], 30, kv8=True)
         assert alone(engine, PROMPTS[2], 30).text == raw
 
 
