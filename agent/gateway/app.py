@@ -89,7 +89,8 @@ async def _until_disconnect(receive: Receive, exchange: Exchange) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            exchange.owner.cancel(exchange)
+            if not exchange.finished:  # cancel now: the handler may be busy sending, not reading replies
+                exchange.owner.cancel(exchange)
             exchange.abort(ClientGone())
             return
 
