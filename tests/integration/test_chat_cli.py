@@ -4,8 +4,12 @@ they send (watched on the broker), what they print, and their exit codes."""
 from __future__ import annotations
 
 import json
+import os
+import select
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +134,86 @@ def test_ask_refused_as_too_large_exits_65(start_daemon) -> None:
     done = cli("ask", "--config", str(daemon.config), "--max-tokens", "5", "--prompt", "word " * 3000)
     assert done.returncode == 65, done.stdout + done.stderr
     assert done.stderr.startswith("edge-agent: error: too_large: ")
+
+
+class Terminal:
+    """`edge-agent chat` on a pseudo-terminal, as a person runs it (readline, prompt, Ctrl-C, Ctrl-D)."""
+
+    def __init__(self, *args: str) -> None:
+        import fcntl
+        import pty
+        import struct
+        import termios
+
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "chat", *args], stdin=slave, stdout=slave,
+                                     stderr=slave, cwd=REPO, start_new_session=True)
+        os.close(slave)
+        self.seen = ""
+
+    def read_until(self, text: str, timeout: float = 60.0) -> str:
+        """Everything up to and including the next ``text`` (the terminal's output since the last call)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.seen:
+            ready, _, _ = select.select([self.master], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"no {text!r} within {timeout} s; the terminal shows:\n{self.seen}")
+            self.seen += os.read(self.master, 65536).decode(errors="replace")
+        before, _, self.seen = self.seen.partition(text)
+        return before + text
+
+    def type(self, keys: str) -> None:
+        os.write(self.master, keys.encode())
+
+    def interrupt(self) -> None:
+        """Ctrl-C: what the terminal driver sends the foreground process (this pty is not the child's
+        controlling terminal, so the key itself would not)."""
+        self.proc.send_signal(signal.SIGINT)
+
+    def close(self) -> int:
+        try:
+            return self.proc.wait(30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(10)
+            os.close(self.master)
+
+
+def test_chat_on_a_terminal_prompts_streams_and_ends_on_ctrl_d(start_daemon) -> None:
+    """On a terminal: a greeting and a '>>> ' prompt; an answer comes back and the prompt again; Ctrl-D ends
+    the session with exit 0."""
+    daemon = start_daemon()
+    term = Terminal("--config", str(daemon.config), "--max-tokens", "4")
+    try:
+        assert "chatting with dev1" in term.read_until(">>> ")
+        term.type("Hello\r")
+        answer = term.read_until(">>> ")
+        assert answer.startswith("Hello\r\n") and len(answer) > len("Hello\r\n>>> ")
+        term.type("\x04")
+    finally:
+        code = term.close()
+    assert code == 0
+
+
+def test_ctrl_c_stops_the_answer_on_the_device_and_the_chat_goes_on(start_daemon, client: Client) -> None:
+    """Ctrl-C while an answer streams: the device is sent a cancel for that request, its final reply says
+    cancelled, the prompt returns; /bye then ends the session with exit 0."""
+    daemon = start_daemon(model="slow")
+    client.subscribe("edge/dev1/infer/cancel")
+    term = Terminal("--config", str(daemon.config), "--max-tokens", "1000")
+    try:
+        term.read_until(">>> ")
+        term.type("Tell me a long story\r")
+        term.read_until("Tell me a long story\r\n")
+        time.sleep(0.5)  # some tokens in
+        term.interrupt()
+        term.read_until(">>> ")
+        cancel = json.loads(client.messages.get(timeout=10).payload)
+        term.type("/bye\r")
+    finally:
+        code = term.close()
+    assert code == 0
+    assert set(cancel) == {"id"}
+    assert daemon.wait_event("request_done", finish_reason="cancelled", timeout=30)
