@@ -367,13 +367,24 @@ def add_parser(subparsers: Any) -> None:
     )
     inner = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     ls = inner.add_parser("ls", help="list the cached model files, their sizes and which one is loaded")
-    rm = inner.add_parser("rm", help="remove cached models: NAME[:QUANT] (catalog name or org/repo)")
+    rm = inner.add_parser(
+        "rm",
+        help="remove cached models: NAME[:QUANT] (catalog name or org/repo)",
+        description="Remove the cached files a target names (all its revisions, or --revision). The loaded model "
+        "is kept unless --force; nothing matching exits 66.",
+    )
     rm.add_argument("targets", nargs="+", metavar="TARGET",
                     help="a catalog name or repo id, optionally with a quant: gemma-3-270m-it:Q8_0, org/repo:Q4_K_M")
     rm.add_argument("--revision", help="only this revision (a commit id or its prefix, or a ref such as main)")
     rm.add_argument("--force", action="store_true", help="remove the loaded model too (it is downloaded again "
                     "at the next start)")
-    prune = inner.add_parser("prune", help="remove every cached GGUF the config does not use (keeps the loaded one)")
+    prune = inner.add_parser(
+        "prune",
+        help="remove every cached GGUF the config does not use (keeps the loaded one)",
+        description="Remove, in repos that hold GGUF files, every GGUF file that is neither loaded nor configured "
+        "([model] path, or the [model] name entry's quants at its revision; only the pinned one with [model] "
+        "quant). A revision with nothing kept goes whole, with its refs. Other repos are left alone.",
+    )
     for parser in (ls, rm, prune):
         add_config_argument(parser)
         parser.add_argument("--device", help="whose retained status tells what is loaded (default: device_id)")
