@@ -232,6 +232,17 @@ class TestBatch:
             assert seq.result.decode_tokens_per_s > 0
         assert engine.free_slots == 4
 
+    def test_every_slot_fills_its_whole_context_at_once(self, models, engines) -> None:
+        """Four sequences run to their full per-sequence n_ctx at the same time, and again in the same slots."""
+        engine = engines(models["Q8_0"], parallel=4, n_ctx=64)
+        for round_ in range(2):
+            prompts = [engine.tokenize_prompt(f"{round_} {p} {PREFIX}")[: 30 + 4 * i] for i, p in enumerate(PROMPTS)]
+            seqs = [Seq().start(engine, prompt, greedy(200)) for prompt in prompts]
+            drain(engine)
+            for seq, prompt in zip(seqs, prompts, strict=True):
+                assert seq.result.finish_reason == "length"
+                assert seq.result.completion_tokens == 64 - len(prompt)
+
     def test_stop_strings_apply_to_their_own_sequence(self, models, engines) -> None:
         """Twins in one batch: the one with a stop string ends before it; the one without runs to max_tokens."""
         engine = engines(models["Q4_0"], parallel=4)
