@@ -126,22 +126,26 @@ def _measure_all(args: argparse.Namespace, cfg: BenchConfig, work: Path, notes: 
         list[ModelResult], str]:
     """Every model through the suite on one private broker, then the estimate table."""
     budget_s = 60 * (args.budget_min or (3.0 if cfg.quick else 22.0))
-    end = time.monotonic() + budget_s * 0.85  # the rest: the estimate table and the report
+    end = time.monotonic() + budget_s * 0.8  # the rest: the estimate table and the report
     models = _models(args, work, notes)
     results: list[ModelResult] = []
     broker = Broker(work / "broker").start()
     try:
         for i, model in enumerate(models):
             print(f"== {model.label} ({model.path.name})", flush=True)
-            share = (end - time.monotonic()) / (len(models) - i)
+            # Each model's share of the time left, by file size (a rough proxy for its cost per token).
+            weight = model.path.stat().st_size / sum(m.path.stat().st_size for m in models[i:])
+            share = (end - time.monotonic()) * weight
             results.append(run_model(model, cfg, work, broker_port=broker.port, free_port=free_port,
                                      deadline=time.monotonic() + share))
     finally:
         broker.stop()
     estimate = "(skipped: --no-estimate)"
-    if not args.no_estimate and models:
+    if time.monotonic() > end + budget_s * 0.1:
+        estimate = "(skipped: the timings used up the time budget)"
+    elif not args.no_estimate and models:
         print("== memory estimate table (bench/estimate_accuracy.py)", flush=True)
-        estimate = estimate_table(models, [512] if cfg.quick else [512, 2048], [1] if cfg.quick else [1, cfg.parallel])
+        estimate = estimate_table(models, [512] if cfg.quick else [2048], [1] if cfg.quick else [1, cfg.parallel])
     return results, estimate
 
 
