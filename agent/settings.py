@@ -27,6 +27,7 @@ from agent.config.adapt import AdaptSettings
 from agent.config.cloud import CloudSettings
 from agent.config.fleet import FleetSettings
 from agent.config.gateway import GatewaySettings
+from agent.config.generation import GenerationSettings
 from agent.config.mqtt import MqttSettings
 from agent.config.telemetry import TelemetrySettings
 from agent.errors import ConfigError, PermissionDeniedError
@@ -213,6 +214,7 @@ class Settings(Section):
     hardware: HardwareSettings = Field(default_factory=HardwareSettings)  # type: ignore[arg-type]
     hub: HubSettings = Field(default_factory=HubSettings)  # type: ignore[arg-type]
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)  # type: ignore[arg-type]
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)  # type: ignore[arg-type]
     adapt: AdaptSettings = Field(default_factory=AdaptSettings)  # type: ignore[arg-type]
     cloud: CloudSettings = Field(default_factory=CloudSettings)  # type: ignore[arg-type]
     fleet: FleetSettings = Field(default_factory=FleetSettings)  # type: ignore[arg-type]

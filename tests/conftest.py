@@ -6,9 +6,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from tests.support.broker import Broker
 from tests.support.daemon import Client, DaemonProcess, Daemons, write_config
+
+
+@pytest.fixture(autouse=True)
+def _structlog_back_to_defaults() -> Iterator[None]:
+    """A test that runs a CLI entry point leaves structlog writing to that test's captured stderr, which is
+    closed afterwards: the next test to log would fail with "I/O operation on closed file"."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="session")

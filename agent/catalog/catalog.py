@@ -25,6 +25,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.catalog.quants import is_weights_file, normalize_tag, parse_quant_tag, quality_rank, split_part
+from agent.config.generation import GenerationDefaults
 from agent.errors import ConfigError
 from agent.settings import format_validation_error
 
@@ -60,6 +61,11 @@ class CatalogEntry(BaseModel):
     license: str | None = Field(default=None, description="Licence note (e.g. 'apache-2.0', 'gemma').")
     description: str | None = Field(default=None, description="One line for humans.")
     kind: Literal["chat", "base"] = Field(default="chat", description="'chat' = instruction-tuned with a template.")
+    defaults: GenerationDefaults | None = Field(
+        default=None,
+        description="Sampling defaults and a default system prompt for this model (over [generation]; a "
+        "request's own values win).",
+    )
 
     @field_validator("repo")
     @classmethod

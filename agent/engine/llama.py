@@ -52,8 +52,15 @@ class SamplingParams:
     top_k: int = 40
     min_p: float = 0.0
     repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    grammar: str | None = None  # GBNF the text must match (agent.engine.grammar), root rule "root"
+
+    @property
+    def penalized(self) -> bool:
+        return self.repeat_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -580,13 +587,19 @@ class LlamaEngine:
 
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = llama_cpp.llama_sampler_chain_add
+        if params.grammar is not None:
+            # First, so every later step only sees tokens the grammar allows (the reply always parses).
+            grammar = llama_cpp.llama_sampler_init_grammar(self._vocab, params.grammar.encode(), b"root")
+            if not grammar:
+                llama_cpp.llama_sampler_free(chain)
+                raise BadRequestError("the response format's grammar could not be compiled")
+            add(chain, grammar)
+        if params.penalized:
+            add(chain, llama_cpp.llama_sampler_init_penalties(
+                0, PENALTY_LAST_N, params.repeat_penalty, params.frequency_penalty, params.presence_penalty))
         if params.temperature <= 0:
-            if params.repeat_penalty != 1.0:
-                add(chain, llama_cpp.llama_sampler_init_penalties(0, PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0))
             add(chain, llama_cpp.llama_sampler_init_greedy())
         else:
-            if params.repeat_penalty != 1.0:
-                add(chain, llama_cpp.llama_sampler_init_penalties(0, PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0))
             if params.top_k > 0:
                 add(chain, llama_cpp.llama_sampler_init_top_k(params.top_k))
             if params.top_p < 1.0:

@@ -19,11 +19,13 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import structlog
 
-from agent.engine.llama import GenerationResult, LlamaEngine, Outcome, SamplingParams
+from agent.config.generation import GenerationSettings
+from agent.engine.llama import GenerationResult, LlamaEngine, Outcome
 from agent.errors import (
     ERROR_CODES,
     AgentError,
@@ -33,6 +35,7 @@ from agent.errors import (
     OverloadedError,
     RateLimitedError,
 )
+from agent.services.generation import chat_for, sampling_for
 from agent.services.queueing import BoundedQueue, RecentKeys, deadline_for
 from agent.services.request_limits import LimitCounters, RateLimiter, check_prompt, check_request, clamped_max_tokens
 from agent.settings import InferenceSettings
@@ -45,6 +48,8 @@ from agent.transport.wire import (
     Usage,
     chunk_payload,
     error_payload,
+    openai_chunk_payload,
+    openai_final_payload,
     parse_cancel,
     parse_request,
     peek_reply_fields,
@@ -69,6 +74,7 @@ class Job:
     deadline: float | None
     cancel: threading.Event = field(default_factory=threading.Event)
     started: float = 0.0  # monotonic, when it took a slot
+    created: int = 0  # unix seconds, for OpenAI-shaped replies
 
 
 @dataclass(slots=True)
@@ -117,6 +123,8 @@ class InferenceService:
         # Topics whose requests are not rate-limited per reply address (the daemon's: the cloud's shared
         # topic, where one edge device's relay topic stands for all of that device's callers).
         self.unmetered_topics: frozenset[str] = frozenset()
+        # Sampling defaults for the served model ([generation] with its catalog defaults over it): the daemon's.
+        self.generation_defaults: Callable[[], GenerationSettings] = _builtin_defaults
         self._worker = threading.Thread(target=self._work, name="inference-worker", daemon=True)
         self.counters = Counters()
         self.limits = LimitCounters()
@@ -485,8 +493,9 @@ class InferenceService:
             raise CancelledError("cancelled by the caller")
         req = job.request
         settings = self._settings
+        defaults = self.generation_defaults()
         if req.messages is not None:
-            tokens = engine.tokenize_chat([m.model_dump() for m in req.messages])
+            tokens = engine.tokenize_chat(chat_for(req, defaults))
         else:
             tokens = engine.tokenize_prompt(req.prompt or "")
         info = engine.info
@@ -497,17 +506,13 @@ class InferenceService:
         max_tokens, clamped = clamped_max_tokens(req, settings)
         if clamped:
             self.limits.max_tokens_clamped += 1
-        params = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            repeat_penalty=req.repeat_penalty,
-            seed=req.seed,
-            stop=tuple(req.stop_list()),
-        )
+        params = sampling_for(req, defaults, max_tokens)
         publish = self._link.publish
         topic, corr, rid = job.reply.topic, job.reply.correlation_data, job.request_id
+        make_chunk: Callable[[str, int, str], bytes] = chunk_payload
+        if req.reply_format == "openai":
+            job.created = int(time.time())
+            make_chunk = partial(openai_chunk_payload, model=self._model_name, created=job.created)
         interval = settings.stream_interval_ms / 1000.0
         clock = time.perf_counter
         seq = 0
@@ -523,7 +528,7 @@ class InferenceService:
             now = clock()
             if seq and now - last < interval:
                 return
-            publish(topic, chunk_payload(rid, seq, "".join(held)), qos=1, correlation_data=corr)
+            publish(topic, make_chunk(rid, seq, "".join(held)), qos=1, correlation_data=corr)
             held.clear()
             seq += 1
             last = now
@@ -534,7 +539,7 @@ class InferenceService:
                 self._finish_error(job, outcome)
                 return
             if held:
-                publish(topic, chunk_payload(rid, seq, "".join(held)), qos=1, correlation_data=corr)
+                publish(topic, make_chunk(rid, seq, "".join(held)), qos=1, correlation_data=corr)
             self._finish_ok(job, outcome, job.started)
 
         engine.start(tokens, params, on_text if req.stream else _discard, on_done, job.cancel.is_set)
@@ -558,9 +563,9 @@ class InferenceService:
             device_id=self._device_id,
             served_by=self.served_by,
         )
-        self._link.publish(
-            job.reply.topic, reply.model_dump_json().encode(), qos=1, correlation_data=job.reply.correlation_data
-        )
+        payload = (openai_final_payload(reply, job.created) if job.request.reply_format == "openai"
+                   else reply.model_dump_json().encode())
+        self._link.publish(job.reply.topic, payload, qos=1, correlation_data=job.reply.correlation_data)
         self._acknowledge(job)
         self.counters.served += 1
         self.counters.tokens += result.completion_tokens
@@ -631,6 +636,10 @@ class InferenceService:
 
 
 _WIRE_CODES = frozenset(ERROR_CODES)
+
+
+def _builtin_defaults() -> GenerationSettings:
+    return GenerationSettings.model_validate({})
 
 
 def _discard(_: str) -> None:

@@ -30,6 +30,7 @@ from agent.errors import CancelledError, ConfigError
 
 if TYPE_CHECKING:
     from agent.catalog.planner import Plan, Planner
+    from agent.config.generation import GenerationDefaults
     from agent.hardware.conditions import Conditions
     from agent.services.inference import InferenceService
     from agent.settings import InferenceSettings, ModelSettings
@@ -68,6 +69,7 @@ class ServingModel:
     estimate_bytes: int | None = None
     info: LoadedModel | None = None  # None until loaded
     parallel: int = 1  # slots the fit decision (or [inference] parallel) gave it
+    defaults: GenerationDefaults | None = None  # the catalog entry's sampling defaults
 
 
 @dataclass(slots=True)
@@ -149,12 +151,14 @@ class ModelOwner:
 
     # -- start-up (main thread, before serving) -----------------------------------------------------
 
-    def chosen(self, key: str, quant: str | None, estimate_bytes: int | None, *, parallel: int | None = None) -> None:
+    def chosen(self, key: str, quant: str | None, estimate_bytes: int | None, *, parallel: int | None = None,
+               defaults: GenerationDefaults | None = None) -> None:
         """Record what start-up decided to serve, before it is loaded (the status shows it while loading).
 
-        ``parallel``: the slots the fit decision gave it; unset = ``[inference] parallel`` or 1."""
+        ``parallel``: the slots the fit decision gave it; unset = ``[inference] parallel`` or 1.
+        ``defaults``: the catalog entry's sampling defaults."""
         self.serving = ServingModel(key=key, quant=quant, estimate_bytes=estimate_bytes,
-                                    parallel=self.slots(parallel))
+                                    parallel=self.slots(parallel), defaults=defaults)
 
     def slots(self, planned: int | None) -> int:
         """Slots for the next load: ``[inference] parallel`` when set, else what the plan chose, else 1."""
@@ -263,7 +267,7 @@ class ModelOwner:
         log.info("swap_budget", model=name, quant=chosen.quant, estimate_bytes=chosen.estimate_bytes,
                  budget_beside_bytes=beside, side_by_side=side_by_side)
         slots = self.slots(getattr(plan, "parallel", None))
-        target = ServingModel(name, chosen.quant, chosen.estimate_bytes, parallel=slots)
+        target = ServingModel(name, chosen.quant, chosen.estimate_bytes, parallel=slots, defaults=plan.entry.defaults)
         result = self._swap(local.path, plan.n_ctx, target, side_by_side=side_by_side)
         return {"model": name, "quant": chosen.quant, "file": chosen.file, "changed": True, **result}
 

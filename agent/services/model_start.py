@@ -88,5 +88,6 @@ def resolve_start_model(
     if last["pulled"]:
         report.emit_event("pull_finished", "first_start", {
             "bytes": local.size, "seconds": round(time.monotonic() - last["started"], 1)})
-    owner.chosen(model.name, chosen.quant, chosen.estimate_bytes)
+    owner.chosen(model.name, chosen.quant, chosen.estimate_bytes, parallel=getattr(plan, "parallel", None),
+                 defaults=plan.entry.defaults)
     return local.path, plan.n_ctx

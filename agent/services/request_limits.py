@@ -87,9 +87,10 @@ def check_prompt(prompt_tokens: int, settings: InferenceSettings, n_ctx: int | N
 def clamped_max_tokens(request: InferRequest, settings: InferenceSettings) -> tuple[int, bool]:
     """The request's max_tokens (default ``default_max_tokens``) capped at ``max_tokens_limit``, and
     whether the cap lowered what the request asked for."""
-    wanted = request.max_tokens or settings.default_max_tokens
+    asked = request.token_limit()
+    wanted = asked or settings.default_max_tokens
     limit = settings.max_tokens_limit
-    return min(wanted, limit), request.max_tokens is not None and request.max_tokens > limit
+    return min(wanted, limit), asked is not None and asked > limit
 
 
 class RateLimiter:

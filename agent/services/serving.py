@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent.config.generation import effective_defaults
 from agent.hardware.probe import CpuPercentSampler
 from agent.services.adaptation import Adaptation
 from agent.services.bulkhead import Bulkhead
@@ -67,6 +68,8 @@ def build_serving(
                             report=status.report_adaptation, post=post)
     service = InferenceService(owner.engine, link, cfg.inference, cfg.device_id, model.name)  # type: ignore[arg-type]
     owner.attach(service)
+    # Read per request: a config-set of [generation] and a swap to a model with other defaults apply at once.
+    service.generation_defaults = lambda: effective_defaults(settings().generation, owner.serving.defaults)
     service.served_by = "cloud" if cfg.role == "cloud" else cfg.device_id
     relay = None
     if cfg.cloud.enabled and cfg.role == "edge":

@@ -24,9 +24,54 @@ class WireModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TextPart(WireModel):
+    """One part of an OpenAI-style content list; only text parts exist for these models."""
+
+    type: Literal["text"] = Field(description="Only 'text' (the models served here read no images or audio).")
+    text: str
+
+
 class ChatMessage(WireModel):
-    role: Literal["system", "user", "assistant"] = Field(description="Who said it.")
-    content: str = Field(description="The message text.")
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="Who said it ('developer' is OpenAI's newer name for 'system' and is rendered as one)."
+    )
+    content: str | list[TextPart] = Field(description="The message text, or OpenAI-style text parts (joined).")
+    name: str | None = Field(None, max_length=64, description="Accepted for OpenAI compatibility; not rendered.")
+
+    def rendered(self) -> dict[str, str]:
+        """The message as the chat template takes it."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class JsonSchemaFormat(WireModel):
+    """OpenAI's ``response_format.json_schema``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: str | None = Field(None, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="The JSON Schema the reply must match.")
+    strict: bool | None = Field(None, description="Accepted; the reply always matches (a grammar enforces it).")
+
+
+class ResponseFormat(WireModel):
+    """What the reply text must be: free text, any JSON object, or JSON matching a schema (enforced by a
+    llama.cpp grammar, so the text parses unless generation stopped at ``max_tokens``)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_when_needed(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs 'json_schema': {'name': ..., 'schema': {...}}")
+        return self
+
+
+#: OpenAI request fields we cannot honour: accepted only when they ask for nothing (null, false, empty).
+_UNSUPPORTED_OPENAI = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs",
+                       "logit_bias", "audio", "modalities", "prediction", "web_search_options")
 
 
 class InferRequest(WireModel):
@@ -43,11 +88,37 @@ class InferRequest(WireModel):
     )
     prompt: str | None = Field(None, description="Plain text prompt, completed as is.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
-    temperature: float = Field(0.7, ge=0.0, le=5.0, description="Sampling temperature; 0 = greedy.")
-    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    top_k: int = Field(40, ge=0, description="Top-k sampling; 0 = off.")
-    repeat_penalty: float = Field(1.0, gt=0.0, le=10.0, description="Repetition penalty; 1 = off.")
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
+    temperature: float | None = Field(
+        None, ge=0.0, le=5.0, description="Sampling temperature; 0 = greedy. Unset: the model's default."
+    )
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass. Unset: the model's default.")
+    top_k: int | None = Field(None, ge=0, description="Top-k sampling; 0 = off. Unset: the model's default.")
+    min_p: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Drop tokens below this fraction of the best one's probability; 0 = off. Unset: the model's "
+        "default.",
+    )
+    repeat_penalty: float | None = Field(
+        None, gt=0.0, le=10.0, description="Repetition penalty; 1 = off. Unset: the model's default."
+    )
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="OpenAI frequency penalty; 0 = off.")
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="OpenAI presence penalty; 0 = off.")
     seed: int | None = Field(None, description="Sampling seed for reproducible output.")
+    response_format: ResponseFormat | None = Field(
+        None, description="{'type': 'json_object'} or {'type': 'json_schema', 'json_schema': {'schema': ...}}: "
+        "the reply text is JSON (grammar-enforced)."
+    )
+    reply_format: Literal["edge", "openai"] = Field(
+        "edge", description="'openai': replies shaped as chat.completion / chat.completion.chunk objects."
+    )
+    n: int | None = Field(None, description="Accepted only as 1 (one answer per request).")
+    user: str | None = Field(None, max_length=256, description="Accepted for OpenAI compatibility; not used.")
+    stream_options: dict[str, Any] | None = Field(None, description="Accepted for OpenAI compatibility.")
+    parallel_tool_calls: bool | None = Field(None, description="Accepted for OpenAI compatibility (no tools).")
+    store: bool | None = Field(None, description="Accepted only as false: nothing is stored.")
+    metadata: dict[str, Any] | None = Field(None, description="Accepted for OpenAI compatibility; not used.")
+    service_tier: str | None = Field(None, description="Accepted for OpenAI compatibility; not used.")
     stop: list[str] | str | None = Field(
         None,
         description="Stop sequences (not included in the text); at most inference.max_stop_sequences (8) of at "
@@ -61,6 +132,17 @@ class InferRequest(WireModel):
         None, ge=1, description="Give up unless generation can start within this many ms of arrival."
     )
     model: str | None = Field(None, description="Informational (OpenAI compatibility); not used for routing.")
+    tools: Any = Field(None, description="Refused unless empty: these models are served without tool calling.")
+    tool_choice: Any = Field(None, description="Refused unless 'none' or 'auto' without tools.")
+    functions: Any = Field(None, description="Refused unless empty.")
+    function_call: Any = Field(None, description="Refused unless 'none'.")
+    logprobs: Any = Field(None, description="Refused unless false.")
+    top_logprobs: Any = Field(None, description="Refused unless 0.")
+    logit_bias: Any = Field(None, description="Refused unless empty.")
+    audio: Any = Field(None, description="Refused unless empty.")
+    modalities: Any = Field(None, description="Refused unless ['text'].")
+    prediction: Any = Field(None, description="Refused unless empty.")
+    web_search_options: Any = Field(None, description="Refused unless empty.")
 
     @model_validator(mode="after")
     def _one_input(self) -> InferRequest:
@@ -68,7 +150,25 @@ class InferRequest(WireModel):
             raise ValueError("give exactly one of 'messages' or 'prompt'")
         if any(not s for s in self.stop_list()):
             raise ValueError("stop sequences must not be empty")
+        if self.n is not None and self.n != 1:
+            raise ValueError("n must be 1: a device gives one answer per request (send several requests)")
+        if self.store:
+            raise ValueError("store must be false: a device stores no completions")
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("max_tokens and max_completion_tokens differ: give one")
+        for name in _UNSUPPORTED_OPENAI:
+            if _asks_for_something(name, getattr(self, name)):
+                raise ValueError(f"{name} is not supported by this device (it serves plain text/JSON generation)")
         return self
+
+    def token_limit(self) -> int | None:
+        """max_tokens, or OpenAI's max_completion_tokens."""
+        return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+
+    def chat(self) -> list[dict[str, str]]:
+        """The messages as the chat template takes them ('developer' as 'system', text parts joined)."""
+        return [m.rendered() for m in self.messages or ()]
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -174,6 +274,15 @@ class Status(WireModel):
     )
 
 
+def _asks_for_something(name: str, value: Any) -> bool:
+    """Whether an OpenAI field we cannot honour asks for anything (clients often send the 'off' values)."""
+    if value is None or value is False or value in ({}, [], 0, ""):
+        return False
+    if name in ("tool_choice", "function_call") and value in ("none", "auto"):
+        return False
+    return not (name == "modalities" and value == ["text"])
+
+
 def parse_request(payload: bytes, max_bytes: int) -> InferRequest:
     """Decode and validate a request payload, raising BadRequestError/TooLargeError with a readable reason."""
     if len(payload) > max_bytes:
@@ -209,6 +318,29 @@ def peek_reply_fields(payload: bytes) -> tuple[str | None, str | None]:
 def chunk_payload(request_id: str, seq: int, delta: str) -> bytes:
     """A stream chunk, serialised directly (hot path: once per token)."""
     return json.dumps({"id": request_id, "seq": seq, "delta": delta}, ensure_ascii=False).encode()
+
+
+def openai_chunk_payload(request_id: str, seq: int, delta: str, model: str, created: int) -> bytes:
+    """A stream chunk as OpenAI's ``chat.completion.chunk`` (``reply_format: openai``; hot path like
+    :func:`chunk_payload`). ``seq`` is kept, so order and gaps stay visible on MQTT."""
+    choice: dict[str, Any] = {"index": 0, "delta": {"role": "assistant", "content": delta} if seq == 0
+                              else {"content": delta}, "finish_reason": None}
+    return json.dumps({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                       "seq": seq, "choices": [choice]}, ensure_ascii=False).encode()
+
+
+def openai_final_payload(reply: FinalReply, created: int) -> bytes:
+    """The final reply as OpenAI's ``chat.completion``, with ``done: true`` (how an MQTT caller tells the last
+    message) and the device's ``timings``/``served_by`` beside the OpenAI fields."""
+    usage = reply.usage
+    return json.dumps({
+        "id": reply.id, "object": "chat.completion", "created": created, "model": reply.model, "done": True,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
+                     "finish_reason": reply.finish_reason}],
+        "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                  "total_tokens": usage.prompt_tokens + usage.completion_tokens},
+        "timings": reply.timings.model_dump(), "device_id": reply.device_id, "served_by": reply.served_by,
+    }, ensure_ascii=False).encode()
 
 
 def error_payload(

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -102,6 +103,8 @@ class FakePlan:
     model: str
     n_ctx: int
     decision: FitDecision
+    entry: Any = field(default_factory=lambda: SimpleNamespace(defaults=None))  # only its defaults are read
+    parallel: int = 1
 
     def as_dict(self) -> dict[str, object]:
         chosen = self.decision.chosen
