@@ -145,7 +145,8 @@ def _measure_all(args: argparse.Namespace, cfg: BenchConfig, work: Path, notes: 
         estimate = "(skipped: the timings used up the time budget)"
     elif not args.no_estimate and models:
         print("== memory estimate table (bench/estimate_accuracy.py)", flush=True)
-        estimate = estimate_table(models, [512] if cfg.quick else [2048], [1] if cfg.quick else [1, cfg.parallel])
+        estimate = estimate_table(models, [512] if cfg.quick else [2048], [1] if cfg.quick else [1, cfg.parallel],
+                                  deadline=end + budget_s * 0.17)
     return results, estimate
 
 
