@@ -42,7 +42,7 @@ class EdgeAgent:
         self.config = write_config(
             self.workdir / "agent.toml", port=broker_port, model_file=model, device_id=self.device_id,
             model={"n_ctx": n_ctx, "threads": threads, "kv_type": kv_type},
-            # No admission limit can refuse the benchmark's own load: 8 clients, each reply topic its own.
+            # No admission limit may refuse the benchmark's own load: 8 clients, each reply topic its own.
             inference={"parallel": parallel, "max_queue": 16, "rate_per_client_per_s": 0},
             log={"level": "info", "format": "json"})
         self.daemon = DaemonProcess(config=self.config, workdir=self.workdir)
@@ -110,8 +110,10 @@ class EdgeAgent:
     def complete(self, prompt: str, max_tokens: int, *, stream: bool = True) -> Sample:
         name = self.name if stream else f"{self.name}-nostream"
         client, reply = self._client()
+        # Greedy and repeat_penalty 1.0 spelled out: the [generation] defaults (temperature 0.7, repeat_penalty
+        # 1.1) would sample differently from raw llama-cpp-python and the HTTP server.
         body: dict[str, Any] = {"id": uuid.uuid4().hex[:12], "prompt": prompt, "max_tokens": max_tokens,
-                                "temperature": 0, "stream": stream}
+                                "temperature": 0, "repeat_penalty": 1.0, "stream": stream}
         start = time.perf_counter()
         try:
             client.publish(f"{PREFIX}/{self.device_id}/infer", body, response_topic=reply)
