@@ -45,7 +45,9 @@ def _default_device_id() -> str:
 
 class ModelSettings(Section):
     path: Path | None = Field(
-        None, description="Serve this local GGUF file as is (overrides 'name'). Leave empty to choose from the catalog."
+        None,
+        description="Serve this local GGUF file as is (no fit decision, no pull). With 'name' also set, the file is "
+        "taken as that catalog model: its sampling defaults apply. Leave empty to choose from the catalog.",
     )
     name: str | None = Field(
         None,

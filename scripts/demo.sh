@@ -49,6 +49,10 @@ else
   echo "==> using the Mosquitto already running on 127.0.0.1:1883"
 fi
 
+# The shipped demo model is the catalog's smollm2-135m-instruct: naming it applies its sampling defaults
+# (models.toml). A model of your own (EDGE_AGENT_DEMO_MODEL) gets the agent-wide [generation] defaults.
+CATALOG_NAME=""
+[ -z "${EDGE_AGENT_DEMO_MODEL:-}" ] && CATALOG_NAME='name = "smollm2-135m-instruct"'
 cat > "$WORK/agent.toml" <<TOML
 device_id = "demo"
 [mqtt]
@@ -56,6 +60,7 @@ host = "127.0.0.1"
 port = $PORT
 [model]
 path = "$MODEL"
+$CATALOG_NAME
 n_ctx = 2048
 [log]
 format = "json"
@@ -74,4 +79,4 @@ for _ in $(seq 1 300); do
   sleep 0.2
 done
 echo "==> asking: $QUESTION"
-"$VENV/bin/edge-agent" ask --config "$WORK/agent.toml" --stream --max-tokens 96 --temperature 0.2 "$QUESTION"
+"$VENV/bin/edge-agent" ask --config "$WORK/agent.toml" --stream --max-tokens 96 "$QUESTION"

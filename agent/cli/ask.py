@@ -43,15 +43,24 @@ def add_request_arguments(parser: argparse.ArgumentParser, *, max_tokens: int) -
     parser.add_argument("--device", help="target device id (default: device_id from the config)")
     parser.add_argument("--system", metavar="TEXT", help="a system message sent before the conversation")
     parser.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default {max_tokens})")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    parser.add_argument("--temperature", type=float,
+                        help="sampling temperature (default: the served model's, see [generation] and models.toml)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each answer (default 120)")
+
+
+def sampling_body(args: argparse.Namespace) -> dict[str, Any]:
+    """max_tokens, and the temperature only when given: unset, the device uses the model's default."""
+    body: dict[str, Any] = {"max_tokens": args.max_tokens}
+    if args.temperature is not None:
+        body["temperature"] = args.temperature
+    return body
 
 
 def _ask(args: argparse.Namespace) -> int:
     if args.prompt and args.system:
         raise BadRequestError("--system needs a chat message; it cannot go with --prompt")
     settings = load_settings(args.config, required=args.config is not None)
-    body: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    body: dict[str, Any] = sampling_body(args)
     if args.prompt:
         body["prompt"] = args.question
     else:

@@ -18,7 +18,7 @@ import contextlib
 import sys
 from typing import Any, TextIO
 
-from agent.cli.ask import ReplyOutput, add_request_arguments
+from agent.cli.ask import ReplyOutput, add_request_arguments, sampling_body
 from agent.cli.config_cmd import add_config_argument
 from agent.cli.device_client import DeviceClient, Reply, chat_messages
 from agent.cli.exit_codes import EXIT_OK, exit_code_for
@@ -51,8 +51,8 @@ def _chat(args: argparse.Namespace) -> int:
     if interactive:
         _enable_line_editing()
     with DeviceClient(settings, args.device, connect_timeout=min(args.timeout, 15.0)) as client:
-        session = ChatSession(client, system=args.system, max_tokens=args.max_tokens,
-                              temperature=args.temperature, timeout=args.timeout, json_mode=args.json)
+        session = ChatSession(client, system=args.system, body=sampling_body(args), timeout=args.timeout,
+                              json_mode=args.json)
         if interactive:
             print(f"chatting with {client.topics.device_id}; {HELP_TEXT}", file=sys.stderr)
         return session.run(_lines(interactive, prompt_on_stderr=args.json))
@@ -61,12 +61,12 @@ def _chat(args: argparse.Namespace) -> int:
 class ChatSession:
     """The conversation: the history, one request per turn, and how each answer is written."""
 
-    def __init__(self, client: DeviceClient, *, system: str | None, max_tokens: int, temperature: float,
-                 timeout: float, json_mode: bool, out: TextIO | None = None, err: TextIO | None = None) -> None:
+    def __init__(self, client: DeviceClient, *, system: str | None, body: dict[str, Any], timeout: float,
+                 json_mode: bool, out: TextIO | None = None, err: TextIO | None = None) -> None:
         self.client = client
         self.system = system
         self.history: list[dict[str, str]] = []
-        self.body = {"max_tokens": max_tokens, "temperature": temperature}
+        self.body = dict(body)  # max_tokens and the sampling the operator gave
         self.timeout = timeout
         self.json_mode = json_mode
         self.out = out if out is not None else sys.stdout

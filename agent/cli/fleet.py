@@ -304,7 +304,7 @@ def add_parser(subparsers: Any) -> None:
     _config_again(ask)
     ask.add_argument("question", help="the question (sent as a chat message)")
     ask.add_argument("--max-tokens", type=int, default=128)
-    ask.add_argument("--temperature", type=float, default=0.7)
+    ask.add_argument("--temperature", type=float, help="default: the answering model's")
     ask.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
     ask.add_argument("--json", action="store_true", help="print the final reply as JSON")
     ask.set_defaults(func=_ask)
@@ -497,7 +497,9 @@ def _ask(args: argparse.Namespace) -> int:
     op.start([reply])
     request_id = uuid.uuid4().hex
     body: dict[str, Any] = {"id": request_id, "messages": [{"role": "user", "content": args.question}],
-                            "max_tokens": args.max_tokens, "temperature": args.temperature}
+                            "max_tokens": args.max_tokens}
+    if args.temperature is not None:
+        body["temperature"] = args.temperature
     v5 = settings.mqtt.protocol == "5"
     if not v5:
         body["reply_to"] = reply

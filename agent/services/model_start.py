@@ -21,6 +21,7 @@ from agent.errors import AgentError, ConfigError
 from agent.transport.wire import PullProgress
 
 if TYPE_CHECKING:
+    from agent.config.generation import GenerationDefaults
     from agent.services.model import ModelOwner
     from agent.settings import ModelSettings
 
@@ -48,7 +49,9 @@ def resolve_start_model(
 ) -> tuple[Path, int]:
     """The file and context size to load first; records the choice on ``owner``. Raises what plan or pull raise."""
     if model.path is not None:
-        owner.chosen(str(model.path), None, None)
+        # With 'name' too, the file is that catalog model (a copy made elsewhere): its sampling defaults apply.
+        defaults = _catalog_defaults(model) if model.name else None
+        owner.chosen(str(model.path), None, None, defaults=defaults)
         return model.path, model.n_ctx
     if not model.name:
         raise ConfigError("set [model] path (a local GGUF file) or [model] name (a catalog entry)")
@@ -91,3 +94,10 @@ def resolve_start_model(
     owner.chosen(model.name, chosen.quant, chosen.estimate_bytes, parallel=getattr(plan, "parallel", None),
                  defaults=plan.entry.defaults)
     return local.path, plan.n_ctx
+
+
+def _catalog_defaults(model: ModelSettings) -> GenerationDefaults | None:
+    """The catalog entry ``[model] name``'s sampling defaults, without the Hub client (a fixed file needs none)."""
+    from agent.catalog.catalog import load_catalog  # noqa: PLC0415
+
+    return load_catalog(model.catalog).get(model.name or "").defaults

@@ -113,8 +113,8 @@ class ScriptedClient:
 
 
 def session(client: ScriptedClient, out: io.StringIO, err: io.StringIO, **kw: Any) -> ChatSession:
-    options: dict[str, Any] = {"system": "be brief", "max_tokens": 16, "temperature": 0.0, "timeout": 5.0,
-                               "json_mode": False}
+    options: dict[str, Any] = {"system": "be brief", "body": {"max_tokens": 16, "temperature": 0.0},
+                               "timeout": 5.0, "json_mode": False}
     options.update(kw)
     return ChatSession(client, out=out, err=err, **options)  # type: ignore[arg-type]
 
