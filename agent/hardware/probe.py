@@ -25,6 +25,7 @@ from pathlib import Path
 import psutil
 import structlog
 
+from agent.hardware.cpu_features import features_from_cpuinfo
 from agent.hardware.snapshot import (
     Battery,
     CgroupMemory,
@@ -421,6 +422,12 @@ def read_cpu(sys_root: Path = REAL_SYS_ROOT, proc_root: Path = REAL_PROC_ROOT, *
         physical_cores=physical,
         logical_cores=logical,
     )
+
+
+def read_cpu_features(proc_root: Path = REAL_PROC_ROOT) -> frozenset[str]:
+    """SIMD features of this CPU from ``/proc/cpuinfo`` (names of :mod:`agent.hardware.cpu_features`);
+    empty when the file is missing. A llama.cpp build may use fewer (its system info says which)."""
+    return features_from_cpuinfo(_read_text(proc_root / "cpuinfo", optional=True) or "")
 
 
 def physical_cores() -> int:
