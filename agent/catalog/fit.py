@@ -18,16 +18,21 @@ Rules, in order (docs/fit.md has the rationale):
    quant moves fewer bytes per token, so it runs cooler and faster.
 5. Nothing fits: ``chosen`` is None and :meth:`FitDecision.require` raises :class:`NothingFitsError`
    naming the budget and the smallest candidate's need.
+6. **Slots** (continuous batching): quality first. The quant is chosen as above with one slot (or with
+   the configured ``parallel`` slots, which it must then hold); then the chosen quant gets the most slots,
+   up to the cap, whose estimate still fits (:func:`most_slots`, :func:`slots_for`), never fewer than 1.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from enum import StrEnum
 from typing import Final
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent.catalog.estimate import DEFAULT_CALIBRATION, Calibration, estimate_memory
+from agent.catalog.gguf_header import GgufInfo
 from agent.catalog.quants import at_least, quality_rank
 from agent.errors import AgentError
 from agent.hardware.conditions import Band, Conditions
@@ -190,6 +195,7 @@ class FitDecision(_Frozen):
     verdicts: tuple[CandidateVerdict, ...]
     cap_steps: int = 0
     notes: tuple[str, ...] = ()
+    slots: int = Field(default=1, ge=1, description="Sequences the chosen quant serves together (in its estimate).")
 
     @property
     def budget_bytes(self) -> int:
@@ -202,8 +208,9 @@ class FitDecision(_Frozen):
         if self.chosen is None:
             lines.append(self.nothing_fits_message())
         else:
+            slots = f" with {self.slots} slot{'s' if self.slots != 1 else ''}"
             lines.append(
-                f"chosen: {self.chosen.model} {self.chosen.quant} ({fmt_bytes(self.chosen.estimate_bytes)})"
+                f"chosen: {self.chosen.model} {self.chosen.quant} ({fmt_bytes(self.chosen.estimate_bytes)}{slots})"
             )
         for v in self.verdicts:
             c = v.candidate
@@ -230,6 +237,23 @@ class FitDecision(_Frozen):
         if self.chosen is None:
             raise NothingFitsError(self.nothing_fits_message())
         return self.chosen
+
+    def with_slots(self, slots: int, estimate_bytes: int, note: str | None = None) -> FitDecision:
+        """The same decision serving ``slots`` sequences: the chosen candidate carries ``estimate_bytes``
+        (its estimate with that many slots) and its verdict the new margin."""
+        if self.chosen is None:
+            return self.model_copy(update={"slots": slots})
+        old = self.chosen
+        new = old.model_copy(update={"estimate_bytes": estimate_bytes})
+        limit = self.budget.bytes
+        verdicts = tuple(
+            v.model_copy(update={"candidate": new, "margin_bytes": limit - estimate_bytes,
+                                 "fits": estimate_bytes <= limit, "reason": f"{v.reason}; {slots} slot(s)"})
+            if v.candidate == old and v.verdict is Verdict.CHOSEN else v
+            for v in self.verdicts
+        )
+        notes = (*self.notes, note) if note else self.notes
+        return self.model_copy(update={"chosen": new, "verdicts": verdicts, "slots": slots, "notes": notes})
 
 
 def _model_order(candidates: Sequence[Candidate], prefer: Iterable[str] | None) -> list[str]:
@@ -345,3 +369,53 @@ def choose(
                 )
             )
     return FitDecision(chosen=chosen, budget=budget, verdicts=tuple(verdicts), cap_steps=steps, notes=tuple(notes))
+
+
+def most_slots(cost: Callable[[int], int], budget_bytes: int, cap: int) -> int:
+    """The most slots ``n`` in 1..``cap`` with ``cost(n) <= budget_bytes``; 1 when not even one fits.
+
+    ``cost`` is the estimate with ``n`` slots and grows with ``n`` (more KV cells, a larger attention
+    span), so the search stops at the first ``n`` that does not fit. Never fewer than 1: whether one
+    slot fits is the quant decision's question, answered before this.
+    """
+    best = 1
+    for n in range(2, max(1, cap) + 1):
+        if cost(n) > budget_bytes:
+            break
+        best = n
+    return best
+
+
+def slots_for(
+    info: GgufInfo,
+    n_ctx: int,
+    budget_bytes: int,
+    cap: int,
+    kv_type: str = "f16",
+    *,
+    n_batch: int = 512,
+    use_mmap: bool | None = None,
+    repack_types: frozenset[str] | None = None,
+    calibration: Calibration = DEFAULT_CALIBRATION,
+) -> int:
+    """Slots for one model file: the most, up to ``cap``, whose estimate (n_ctx tokens each) fits.
+
+    For a fixed ``[model] path`` (no catalog): ``budget_bytes`` is :func:`budget_from_conditions`'s, the
+    other arguments are the engine's. At least 1 (the file is loaded anyway).
+    """
+
+    def cost(n: int) -> int:
+        return estimate_memory(
+            info, n_ctx, n_seq=n, n_batch=n_batch, kv_type=kv_type, use_mmap=use_mmap,
+            repack_types=repack_types, calibration=calibration,
+        ).estimate_bytes
+
+    return most_slots(cost, budget_bytes, cap)
+
+
+def budget_from_conditions(conditions: Conditions, *, reserve_bytes: int | None = None) -> Budget:
+    """The budget the planner uses: this device's available memory and cgroup headroom, less the reserve
+    (default 64 MiB) and the safety margin."""
+    memory = conditions.memory
+    extra: dict[str, int] = {} if reserve_bytes is None else {"reserve_bytes": reserve_bytes}
+    return make_budget(memory.available_bytes, cgroup_headroom_bytes=memory.cgroup_headroom_bytes, **extra)

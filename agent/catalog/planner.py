@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 
 from agent.catalog.catalog import Catalog, CatalogEntry, discover_quant_files, load_catalog
-from agent.catalog.estimate import MemoryEstimate, default_repack_types, estimate_memory
-from agent.catalog.fit import Budget, Candidate, FitDecision, choose, make_budget
+from agent.catalog.estimate import MemoryEstimate, default_repack_types, estimate_memory, repack_types_for
+from agent.catalog.fit import Budget, Candidate, FitDecision, budget_from_conditions, choose, fmt_bytes, most_slots
 from agent.catalog.gguf_header import INITIAL_READ_BYTES, GgufInfo, NeedMoreBytes, parse_header, read_local
 from agent.catalog.hub import (
     HubError,
@@ -30,6 +30,7 @@ from agent.catalog.hub import (
 from agent.catalog.quants import normalize_tag
 from agent.errors import ConfigError, ModelUnavailableError
 from agent.hardware.conditions import Conditions
+from agent.hardware.probe import read_cpu_features
 from agent.settings import ModelSettings, Settings
 
 log = structlog.get_logger("agent.planner")
@@ -55,11 +56,25 @@ class QuantOption:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
+    """The fit decision for one catalog model and what the engine should load it with."""
+
     model: str
     entry: CatalogEntry
-    n_ctx: int
-    decision: FitDecision
-    options: dict[str, QuantOption]
+    n_ctx: int  # tokens per slot
+    decision: FitDecision  # decision.slots: how many slots
+    options: dict[str, QuantOption]  # per quant; the chosen one estimated with its slots
+    kv_type: str = "f16"
+
+    @property
+    def parallel(self) -> int:
+        """Slots: sequences the engine decodes together (each n_ctx tokens of one unified KV cache)."""
+        return self.decision.slots
+
+    @property
+    def use_mmap(self) -> bool | None:
+        """Whether the chosen file is mapped (:func:`agent.catalog.estimate.load_with_mmap` or the config)."""
+        chosen = self.decision.chosen
+        return self.options[chosen.quant].estimate.use_mmap if chosen else None
 
     @property
     def chosen(self) -> QuantOption:
@@ -75,6 +90,10 @@ class Plan:
             "repo": self.entry.repo,
             "revision": self.entry.revision,
             "n_ctx": self.n_ctx,
+            "parallel": self.parallel,
+            "kv_type": self.kv_type,
+            "use_mmap": self.use_mmap,
+            "kv_per_slot_bytes": option.estimate.kv_per_slot_bytes if option else None,
             "quant": chosen.quant if chosen else None,
             "file": chosen.file if chosen else None,
             "estimate_bytes": option.estimate.estimate_bytes if option else None,
@@ -99,10 +118,31 @@ class Plan:
 class Planner:
     """Plans and pulls catalog models for this device."""
 
-    def __init__(self, catalog: Catalog, hub: HubStore, *, arch: str | None = None) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        hub: HubStore,
+        *,
+        arch: str | None = None,
+        repack_types: frozenset[str] | None = None,
+        kv_type: str = "f16",
+        use_mmap: bool | None = None,
+        parallel: int | None = None,
+        max_parallel: int = 1,
+    ) -> None:
+        """``repack_types``: what this device's llama.cpp repacks (default: by ``arch``'s assumed features,
+        or this machine's CPU features when ``arch`` is None too). ``kv_type``, ``use_mmap`` (None: decided
+        per file), ``parallel`` (None: the most slots that fit, at most ``max_parallel``) are the config's
+        ``[model]`` and ``[inference]`` keys."""
         self._catalog = catalog
         self._hub = hub
-        self._repack = default_repack_types(arch or platform.machine())
+        if repack_types is None:
+            repack_types = default_repack_types(arch or platform.machine()) if arch else default_repack_types()
+        self._repack = repack_types
+        self._kv_type = kv_type
+        self._use_mmap = use_mmap
+        self._parallel = parallel
+        self._max_parallel = max(1, max_parallel)
 
     def entry(self, name: str) -> CatalogEntry:
         return self._catalog.get(name)
@@ -154,6 +194,12 @@ class Planner:
             if tag is None or tag not in files:
                 raise ConfigError(f"model.quant: {quant!r} is not offered for {name} (have: {', '.join(files)})")
             files = {tag: files[tag]}
+        slots = self._parallel or 1
+
+        def estimate(info: GgufInfo, n_seq: int) -> MemoryEstimate:
+            return estimate_memory(info, ctx, n_seq=n_seq, n_batch=n_batch, kv_type=self._kv_type,
+                                   use_mmap=self._use_mmap, repack_types=self._repack)
+
         options: dict[str, QuantOption] = {}
         for tag, filename in files.items():
             try:
@@ -161,30 +207,52 @@ class Planner:
             except (HubError, ModelUnavailableError) as exc:
                 log.warning("plan_header_unavailable", model=name, quant=tag, file=filename, error=str(exc))
                 continue
-            est = estimate_memory(info, ctx, n_batch=n_batch, repack_types=self._repack)
-            options[tag] = QuantOption(quant=tag, file=filename, info=info, estimate=est)
+            options[tag] = QuantOption(quant=tag, file=filename, info=info, estimate=estimate(info, slots))
         if not options:
             raise ModelUnavailableError(
                 f"no quant of {name} could be inspected (offline with nothing cached, or the Hub is unreachable)"
             )
-        budget_kwargs: dict[str, int] = {} if reserve_bytes is None else {"reserve_bytes": reserve_bytes}
-        memory = conditions.memory
-        budget: Budget = make_budget(
-            memory.available_bytes, cgroup_headroom_bytes=memory.cgroup_headroom_bytes, **budget_kwargs
-        )
+        budget: Budget = budget_from_conditions(conditions, reserve_bytes=reserve_bytes)
         candidates = [
             Candidate(model=name, quant=o.quant, estimate_bytes=o.estimate.estimate_bytes, file=o.file)
             for o in options.values()
         ]
         decision = choose(candidates, budget, conditions=conditions, extra_cap_steps=extra_cap_steps)
+        if decision.chosen is not None:
+            # Quality first: the quant was chosen with one slot (or the configured ones); now the most slots
+            # that still fit with it.
+            option = options[decision.chosen.quant]
+            if self._parallel is None:
+                slots = most_slots(lambda n: estimate(option.info, n).estimate_bytes, budget.bytes,
+                                   self._max_parallel)
+                option = replace(option, estimate=estimate(option.info, slots))
+                options[option.quant] = option
+            decision = decision.with_slots(slots, option.estimate.estimate_bytes,
+                                           self._slots_note(option, slots, budget.bytes, estimate))
         log.info(
             "plan_made",
             model=name,
             quant=decision.chosen.quant if decision.chosen else None,
+            parallel=decision.slots,
             budget_bytes=decision.budget_bytes,
             candidates=len(candidates),
         )
-        return Plan(model=name, entry=entry, n_ctx=ctx, decision=decision, options=options)
+        return Plan(model=name, entry=entry, n_ctx=ctx, decision=decision, options=options, kv_type=self._kv_type)
+
+    def _slots_note(
+        self, option: QuantOption, slots: int, budget: int, estimate: Callable[[GgufInfo, int], MemoryEstimate]
+    ) -> str:
+        """Why this many slots: configured, the cap, or what one more would need."""
+        per_slot = fmt_bytes(option.estimate.kv_per_slot_bytes)
+        if self._parallel is not None:
+            return f"slots: {slots} (inference.parallel), KV {per_slot} per slot ({self._kv_type})"
+        if slots >= self._max_parallel:
+            return f"slots: {slots}, the cap (inference.max_parallel), KV {per_slot} per slot ({self._kv_type})"
+        more = estimate(option.info, slots + 1).estimate_bytes - budget
+        return (
+            f"slots: {slots} of at most {self._max_parallel}, KV {per_slot} per slot ({self._kv_type}); "
+            f"{slots + 1} would need {fmt_bytes(more)} more"
+        )
 
     def ensure_present(
         self, plan: Plan, *, progress: Callable[[int, int], None] | None = None
@@ -236,4 +304,14 @@ def hub_from_settings(settings: Settings, environ: Mapping[str, str]) -> HubStor
 
 
 def planner_from_settings(settings: Settings, environ: Mapping[str, str]) -> Planner:
-    return Planner(load_catalog(settings.model.catalog), hub_from_settings(settings, environ))
+    """The planner as configured: catalog, Hub, ``[model] kv_type``/``use_mmap``, ``[inference] parallel``/
+    ``max_parallel``, and the repack set of this device's CPU (features from ``[hardware] proc_root``)."""
+    return Planner(
+        load_catalog(settings.model.catalog),
+        hub_from_settings(settings, environ),
+        repack_types=repack_types_for(platform.machine(), read_cpu_features(settings.hardware.proc_root)),
+        kv_type=settings.model.kv_type,
+        use_mmap=settings.model.use_mmap,
+        parallel=settings.inference.parallel,
+        max_parallel=settings.inference.max_parallel,
+    )

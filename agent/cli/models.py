@@ -109,7 +109,11 @@ def _plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(plan.as_dict(), indent=2))
     else:
-        print(f"{name} ({plan.entry.repo}@{plan.entry.revision}), n_ctx {plan.n_ctx}")
+        mmap = {True: "mmap on", False: "mmap off (most weights repacked)", None: "mmap per file"}[plan.use_mmap]
+        if plan.use_mmap is not None and settings.model.use_mmap is not None:
+            mmap = f"mmap {'on' if plan.use_mmap else 'off'} (model.use_mmap)"
+        print(f"{name} ({plan.entry.repo}@{plan.entry.revision}), n_ctx {plan.n_ctx} per slot, "
+              f"{plan.parallel} slot{'s' if plan.parallel != 1 else ''}, KV {plan.kv_type}, {mmap}")
         for line in plan.decision.explain():
             print(line)
         if plan.decision.chosen:

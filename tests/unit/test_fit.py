@@ -336,11 +336,11 @@ def test_every_board_gets_a_sound_decision(board: dict[str, Any], ram: int, avai
 
 
 def test_kv_cache_honours_gqa_and_sliding_window() -> None:
-    """Gemma 3 270M at 8192: 18 layers x 1 KV head x 512 B/token; SWA layers shrink without swa_full."""
+    """Gemma 3 270M at 8192: 18 layers x 1 KV head x 512 B/token; SWA layers shrink without swa_full (the default)."""
     info = _gemma3(18, 640, 2048, 250 * MB)
-    full = estimate_memory(info, 8192, repack_types=frozenset())
+    full = estimate_memory(info, 8192, swa_full=True, repack_types=frozenset())
     assert full.kv_cache_bytes == 18 * 8192 * 1 * (256 + 256) * 2
-    windowed = estimate_memory(info, 8192, swa_full=False, repack_types=frozenset())
+    windowed = estimate_memory(info, 8192, repack_types=frozenset())
     # 15 SWA layers at pad256(512 + 512) = 1024 cells, 3 global layers at 8192.
     assert windowed.kv_cells_swa == 1024
     assert windowed.kv_cache_bytes == (15 * 1024 + 3 * 8192) * 512 * 2
