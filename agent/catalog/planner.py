@@ -196,8 +196,8 @@ class Planner:
             files = {tag: files[tag]}
         slots = self._parallel or 1
 
-        def estimate(info: GgufInfo, n_seq: int) -> MemoryEstimate:
-            return estimate_memory(info, ctx, n_seq=n_seq, n_batch=n_batch, kv_type=self._kv_type,
+        def estimate(info: GgufInfo, n_seq: int, kv_type: str = self._kv_type) -> MemoryEstimate:
+            return estimate_memory(info, ctx, n_seq=n_seq, n_batch=n_batch, kv_type=kv_type,
                                    use_mmap=self._use_mmap, repack_types=self._repack)
 
         options: dict[str, QuantOption] = {}
@@ -240,7 +240,7 @@ class Planner:
         return Plan(model=name, entry=entry, n_ctx=ctx, decision=decision, options=options, kv_type=self._kv_type)
 
     def _slots_note(
-        self, option: QuantOption, slots: int, budget: int, estimate: Callable[[GgufInfo, int], MemoryEstimate]
+        self, option: QuantOption, slots: int, budget: int, estimate: Callable[[GgufInfo, int, str], MemoryEstimate]
     ) -> str:
         """Why this many slots: configured, the cap, or what one more would need."""
         per_slot = fmt_bytes(option.estimate.kv_per_slot_bytes)
@@ -248,11 +248,17 @@ class Planner:
             return f"slots: {slots} (inference.parallel), KV {per_slot} per slot ({self._kv_type})"
         if slots >= self._max_parallel:
             return f"slots: {slots}, the cap (inference.max_parallel), KV {per_slot} per slot ({self._kv_type})"
-        more = estimate(option.info, slots + 1).estimate_bytes - budget
-        return (
+        more = estimate(option.info, slots + 1, self._kv_type).estimate_bytes - budget
+        note = (
             f"slots: {slots} of at most {self._max_parallel}, KV {per_slot} per slot ({self._kv_type}); "
             f"{slots + 1} would need {fmt_bytes(more)} more"
         )
+        if self._kv_type == "f16":
+            # The KV type is a lever the operator pulls (its speed is measured apart, docs/performance.md).
+            q8 = most_slots(lambda n: estimate(option.info, n, "q8_0").estimate_bytes, budget, self._max_parallel)
+            if q8 > slots:
+                note += f"; with [model] kv_type = \"q8_0\": {q8} slots"
+        return note
 
     def ensure_present(
         self, plan: Plan, *, progress: Callable[[int, int], None] | None = None

@@ -105,6 +105,16 @@ def test_a_q8_0_cache_is_estimated_when_configured(files: dict[str, Path]) -> No
     assert q8.parallel > f16.parallel == 2
 
 
+def test_the_note_names_the_q8_0_lever_when_it_would_fit_more_slots(files: dict[str, Path]) -> None:
+    """With f16 and fewer slots than the cap, the note says how many a q8_0 cache would hold; not with q8_0."""
+    budget = _cost(files, "F16", 2)
+    f16 = _planner(files, max_parallel=8).plan("tiny", _conditions(budget))
+    q8_slots = max(n for n in range(1, 9) if _cost(files, "F16", n, "q8_0") <= budget)
+    assert any(f'kv_type = "q8_0": {q8_slots} slots' in note for note in f16.decision.notes)
+    q8 = _planner(files, max_parallel=8, kv_type="q8_0").plan("tiny", _conditions(budget))
+    assert not any("kv_type" in note for note in q8.decision.notes)
+
+
 def test_plan_as_dict_shows_slots_kv_and_mmap(files: dict[str, Path]) -> None:
     """The JSON of `plan --json` carries parallel, kv_type, use_mmap and the KV per slot."""
     plan = _planner(files, max_parallel=2).plan("tiny", _conditions(_cost(files, "F16", 4)))
