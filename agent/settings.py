@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from agent.config.adapt import AdaptSettings
 from agent.config.cloud import CloudSettings
@@ -51,8 +51,9 @@ class ModelSettings(Section):
     )
     name: str | None = Field(
         None,
-        description="Catalog entry to serve (models.toml): the agent measures the device, picks the quant "
-        "that fits, pulls it from the Hub and loads it.",
+        description="Catalog entry to serve (models.toml), or a Hub repo straight as 'org/repo' (its GGUF files' "
+        "quant tags are read from the listing): the agent measures the device, picks the quant that fits, pulls "
+        "it from the Hub and loads it. 'NAME:QUANT' pins the quant, like 'quant'.",
     )
     quant: str | None = Field(None, description="Pin a quant of the catalog entry (e.g. Q4_K_M) instead of choosing.")
     catalog: Path | None = Field(None, description="Your own models.toml; default: the catalog shipped with the agent.")
@@ -65,6 +66,20 @@ class ModelSettings(Section):
         "the model only accepts the plain 'prompt' form.",
     )
     seed: int = Field(-1, description="Sampling seed; -1 = random.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _quant_in_name(cls, data: Any) -> Any:
+        """'org/repo:Q4_K_M' (as llama-server -hf takes it) is name 'org/repo' with quant 'Q4_K_M'."""
+        if not (isinstance(data, dict) and isinstance(data.get("name"), str) and ":" in data["name"]):
+            return data
+        name, _, quant = data["name"].partition(":")
+        if not name or not quant:
+            raise ValueError("name: give NAME or NAME:QUANT (e.g. 'unsloth/gemma-3-270m-it-GGUF:Q4_K_M')")
+        if data.get("quant") not in (None, quant):
+            raise ValueError(f"name pins quant {quant!r} but quant is {data['quant']!r}: give one")
+        return {**data, "name": name, "quant": quant}
+
     kv_type: Literal["f16", "q8_0"] = Field(
         "f16",
         description="KV cache element type. q8_0 halves the cache (it needs flash attention, which is then "

@@ -163,6 +163,12 @@ def load_catalog(path: Path | None = None) -> Catalog:
     return parse_catalog(text, str(catalog_path))
 
 
+def hub_entry(repo: str) -> CatalogEntry:
+    """A Hub repo named straight (``org/repo``, as ``llama-server -hf`` takes it) as a catalog entry: no pinned
+    files (the quants are read from the repo listing), the main branch, the agent-wide sampling defaults."""
+    return CatalogEntry(repo=repo, description=f"{repo} from the Hub (not in the catalog)")
+
+
 def discover_quant_files(filenames: list[str]) -> dict[str, str]:
     """Quant tag -> file for a repo listing (what an entry without ``files`` uses).
 

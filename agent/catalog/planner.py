@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import structlog
 
-from agent.catalog.catalog import Catalog, CatalogEntry, discover_quant_files, load_catalog
+from agent.catalog.catalog import Catalog, CatalogEntry, discover_quant_files, hub_entry, load_catalog
 from agent.catalog.estimate import MemoryEstimate, default_repack_types, estimate_memory, repack_types_for
 from agent.catalog.fit import Budget, Candidate, FitDecision, budget_from_conditions, choose, fmt_bytes, most_slots
 from agent.catalog.gguf_header import INITIAL_READ_BYTES, GgufInfo, NeedMoreBytes, parse_header, read_local
@@ -145,6 +145,9 @@ class Planner:
         self._max_parallel = max(1, max_parallel)
 
     def entry(self, name: str) -> CatalogEntry:
+        """The catalog entry ``name``, or for ``org/repo`` not in the catalog the Hub repo itself."""
+        if "/" in name and name not in self._catalog.models:
+            return hub_entry(name)
         return self._catalog.get(name)
 
     def quant_files(self, entry: CatalogEntry) -> dict[str, str]:

@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from agent.cli.config_cmd import add_config_argument
+from agent.cli.progress import TransferBar
 from agent.errors import ConfigError
 from agent.settings import Settings, load_settings
 
@@ -35,7 +36,8 @@ def add_parser(subparsers: Any) -> None:
 
     pull = subparsers.add_parser(
         "pull",
-        help="download a catalog model's quant (the one that fits, or MODEL:QUANT) into the Hub cache",
+        help="download a model's quant (the one that fits, or MODEL:QUANT) into the Hub cache; MODEL is a "
+        "catalog name or a Hub repo (org/repo)",
     )
     add_config_argument(pull)
     pull.add_argument("model", help="catalog entry, optionally with a quant: gemma-3-270m-it:Q8_0")
@@ -133,7 +135,7 @@ def _pull(args: argparse.Namespace) -> int:
     plan = planner.plan(name, _conditions(settings, args), n_ctx=configured_n_ctx(settings.model),
                         n_batch=settings.model.n_batch, quant=quant or None)
     chosen = plan.decision.require()
-    progress = None if args.json or not sys.stderr.isatty() else _progress_bar(f"{name}:{chosen.quant}")
+    progress = None if args.json or not sys.stderr.isatty() else TransferBar(f"{name}:{chosen.quant}", end_line=False)
     local = planner.ensure_present(plan, progress=progress)
     if progress is not None:
         sys.stderr.write("\n")
@@ -143,13 +145,3 @@ def _pull(args: argparse.Namespace) -> int:
         state = "already present" if local.from_cache else f"downloaded {local.downloaded_bytes} bytes"
         print(f"{name}:{chosen.quant} → {local.path} ({state}, sha256 verified)")
     return 0
-
-
-def _progress_bar(label: str) -> Any:
-    def show(done: int, total: int) -> None:
-        pct = 100.0 * done / total if total else 0.0
-        filled = int(pct / 4)
-        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (25 - filled)}] {pct:5.1f}% {done / 2**20:8.1f} MiB")
-        sys.stderr.flush()
-
-    return show

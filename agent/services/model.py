@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from agent.engine.llama import LlamaEngine, LoadedModel
-from agent.errors import CancelledError, ConfigError
+from agent.errors import AgentError, CancelledError, ConfigError
 
 if TYPE_CHECKING:
     from agent.catalog.planner import Plan, Planner
@@ -160,6 +160,27 @@ class ModelOwner:
         self.serving = ServingModel(key=key, quant=quant, estimate_bytes=estimate_bytes,
                                     parallel=self.slots(parallel), defaults=defaults)
 
+    def slots_for_file(self, path: Path, n_ctx: int) -> int | None:
+        """The fit decision's slots for a fixed file (no plan): the most that fit the memory budget now, at
+        most ``[inference] max_parallel``; None when ``[inference] parallel`` decides or the header is unreadable
+        (then llama.cpp says what is wrong with the file)."""
+        settings = self._inference() if self._inference is not None else None
+        if settings is None or settings.parallel is not None:
+            return None
+        from agent.catalog.fit import budget_from_conditions, slots_for  # noqa: PLC0415 - the catalog's arithmetic
+        from agent.catalog.gguf_header import read_local  # noqa: PLC0415
+
+        try:
+            info = read_local(path)
+        except (AgentError, OSError):
+            return None
+        budget = budget_from_conditions(self._conditions()).bytes
+        slots = slots_for(info, n_ctx, budget, settings.max_parallel, self._settings.kv_type,
+                          n_batch=self._settings.n_batch, use_mmap=self._settings.use_mmap)
+        log.info("slots_chosen", path=str(path), n_ctx=n_ctx, slots=slots, budget_bytes=budget,
+                 max_parallel=settings.max_parallel)
+        return slots
+
     def slots(self, planned: int | None) -> int:
         """Slots for the next load: ``[inference] parallel`` when set, else what the plan chose, else 1."""
         settings = self._inference() if self._inference is not None else None
@@ -266,7 +287,7 @@ class ModelOwner:
         side_by_side = chosen.estimate_bytes <= beside
         log.info("swap_budget", model=name, quant=chosen.quant, estimate_bytes=chosen.estimate_bytes,
                  budget_beside_bytes=beside, side_by_side=side_by_side)
-        slots = self.slots(getattr(plan, "parallel", None))
+        slots = self.slots(plan.parallel)
         target = ServingModel(name, chosen.quant, chosen.estimate_bytes, parallel=slots, defaults=plan.entry.defaults)
         result = self._swap(local.path, plan.n_ctx, target, side_by_side=side_by_side)
         return {"model": name, "quant": chosen.quant, "file": chosen.file, "changed": True, **result}

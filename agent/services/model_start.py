@@ -51,7 +51,8 @@ def resolve_start_model(
     if model.path is not None:
         # With 'name' too, the file is that catalog model (a copy made elsewhere): its sampling defaults apply.
         defaults = _catalog_defaults(model) if model.name else None
-        owner.chosen(str(model.path), None, None, defaults=defaults)
+        owner.chosen(str(model.path), None, None, parallel=owner.slots_for_file(model.path, model.n_ctx),
+                     defaults=defaults)
         return model.path, model.n_ctx
     if not model.name:
         raise ConfigError("set [model] path (a local GGUF file) or [model] name (a catalog entry)")
@@ -91,7 +92,7 @@ def resolve_start_model(
     if last["pulled"]:
         report.emit_event("pull_finished", "first_start", {
             "bytes": local.size, "seconds": round(time.monotonic() - last["started"], 1)})
-    owner.chosen(model.name, chosen.quant, chosen.estimate_bytes, parallel=getattr(plan, "parallel", None),
+    owner.chosen(model.name, chosen.quant, chosen.estimate_bytes, parallel=plan.parallel,
                  defaults=plan.entry.defaults)
     return local.path, plan.n_ctx
 
