@@ -24,6 +24,8 @@ Design:
 from __future__ import annotations
 
 import string
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -115,22 +117,39 @@ def _encode(weights: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple[np.n
     return gguf.quants.quantize(weights.astype(np.float32), qtype), True
 
 
-def _random_weights(
-    rng: np.random.Generator,
-    *,
-    n_layer: int,
-    n_embd: int,
-    n_head: int,
-    n_head_kv: int,
-    n_ff: int,
-    vocab_size: int,
-) -> dict[str, np.ndarray]:
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """The hyperparameters every tiny model has, whatever its architecture."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    vocab_size: int
+    context_length: int
+
+    def check(self, tensor_type: str) -> None:
+        """ValueError unless llama.cpp can load a model of this shape with ``tensor_type`` weights."""
+        n_embd, n_head, n_head_kv, vocab_size = self.n_embd, self.n_head, self.n_head_kv, self.vocab_size
+        if tensor_type not in _QTYPES:
+            raise ValueError(f"tensor_type must be one of {', '.join(TENSOR_TYPES)}, got {tensor_type!r}")
+        if n_embd % n_head != 0 or (n_embd // n_head) % 2 != 0:
+            raise ValueError(f"n_embd ({n_embd}) must split into n_head ({n_head}) heads of even size")
+        if n_head % n_head_kv != 0:
+            raise ValueError(f"n_head ({n_head}) must be a multiple of n_head_kv ({n_head_kv})")
+        if vocab_size < MIN_VOCAB_SIZE:
+            raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE}, got {vocab_size}")
+
+
+def _random_weights(rng: np.random.Generator, shape: _Shape) -> dict[str, np.ndarray]:
     """All tensors of the model by GGUF name, in F32, with the logit-bias trick of the module docstring."""
 
-    def normal(*shape: int, std: float = _WEIGHT_STD) -> np.ndarray:
-        return rng.normal(0.0, std, size=shape).astype(np.float32)
+    def normal(*dims: int, std: float = _WEIGHT_STD) -> np.ndarray:
+        return rng.normal(0.0, std, size=dims).astype(np.float32)
 
-    kv_dim = n_head_kv * (n_embd // n_head)
+    n_layer, n_embd, n_ff, vocab_size = shape.n_layer, shape.n_embd, shape.n_ff, shape.vocab_size
+    kv_dim = shape.n_head_kv * (n_embd // shape.n_head)
     tensors: dict[str, np.ndarray] = {}
     embed = normal(vocab_size, n_embd, std=_EMBED_STD)
     embed[:, 0] = _BIAS_DIM_VALUE
@@ -174,6 +193,47 @@ def _add_tokenizer(writer: gguf.GGUFWriter, vocab_size: int, chat_template: str 
         writer.add_chat_template(chat_template)
 
 
+def _write(
+    path: Path,
+    arch: str,
+    shape: _Shape,
+    tensors: dict[str, np.ndarray],
+    add_attention: Callable[[gguf.GGUFWriter], None],
+    *,
+    tensor_type: str,
+    name: str,
+    chat_template: str | None,
+) -> Path:
+    """Write a GGUF of architecture ``arch``: the shared hyperparameters, then the architecture's own keys
+    (``add_attention``), the tokenizer and ``tensors`` (2-D weights encoded as ``tensor_type``); returns ``path``."""
+    qtype = _QTYPES[tensor_type]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(path, arch)
+    try:
+        writer.add_name(name)
+        writer.add_file_type(_FILE_TYPES[tensor_type])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_vocab_size(shape.vocab_size)
+        writer.add_context_length(shape.context_length)
+        writer.add_embedding_length(shape.n_embd)
+        writer.add_block_count(shape.n_layer)
+        writer.add_feed_forward_length(shape.n_ff)
+        writer.add_head_count(shape.n_head)
+        writer.add_head_count_kv(shape.n_head_kv)
+        add_attention(writer)
+        _add_tokenizer(writer, shape.vocab_size, chat_template)
+        for tensor_name, weights in tensors.items():
+            data, quantized = _encode(weights, qtype)
+            writer.add_tensor(tensor_name, data, raw_dtype=qtype if quantized else None)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return path
+
+
 def write_tiny_llama(
     path: Path,
     *,
@@ -196,51 +256,18 @@ def write_tiny_llama(
     where their row length is a multiple of the quant block (32), norms stay F32. Same arguments give
     byte-identical files. ``chat_template=None`` writes no ``tokenizer.chat_template`` key.
     """
-    if tensor_type not in _QTYPES:
-        raise ValueError(f"tensor_type must be one of {', '.join(TENSOR_TYPES)}, got {tensor_type!r}")
-    if n_embd % n_head != 0 or (n_embd // n_head) % 2 != 0:
-        raise ValueError(f"n_embd ({n_embd}) must split into n_head ({n_head}) heads of even size")
-    if n_head % n_head_kv != 0:
-        raise ValueError(f"n_head ({n_head}) must be a multiple of n_head_kv ({n_head_kv})")
-    if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE}, got {vocab_size}")
-    tensors = _random_weights(
-        np.random.default_rng(seed),
-        n_layer=n_layer,
-        n_embd=n_embd,
-        n_head=n_head,
-        n_head_kv=n_head_kv,
-        n_ff=n_ff,
-        vocab_size=vocab_size,
-    )
-    qtype = _QTYPES[tensor_type]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(path, "llama")
-    try:
-        writer.add_name(name)
-        writer.add_file_type(_FILE_TYPES[tensor_type])
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_vocab_size(vocab_size)
-        writer.add_context_length(context_length)
-        writer.add_embedding_length(n_embd)
-        writer.add_block_count(n_layer)
-        writer.add_feed_forward_length(n_ff)
-        writer.add_head_count(n_head)
-        writer.add_head_count_kv(n_head_kv)
+    shape = _Shape(n_layer, n_embd, n_head, n_head_kv, n_ff, vocab_size, context_length)
+    shape.check(tensor_type)
+    tensors = _random_weights(np.random.default_rng(seed), shape)
+
+    def add_attention(writer: gguf.GGUFWriter) -> None:
         writer.add_rope_dimension_count(n_embd // n_head)
         writer.add_rope_freq_base(10000.0)
         writer.add_layer_norm_rms_eps(1e-5)
-        _add_tokenizer(writer, vocab_size, chat_template)
-        for tensor_name, weights in tensors.items():
-            data, quantized = _encode(weights, qtype)
-            writer.add_tensor(tensor_name, data, raw_dtype=qtype if quantized else None)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    return path
+
+    return _write(
+        path, "llama", shape, tensors, add_attention, tensor_type=tensor_type, name=name, chat_template=chat_template
+    )
 
 
 # Gemma's post-attention and post-FFN norms rescale each layer's update to unit RMS before it joins the
@@ -271,26 +298,12 @@ def write_tiny_gemma3(
     ``sliding_window`` tokens, so the default six layers give it both caches, as in the real models.
     ``sliding_window=0`` writes a Gemma 3 without a window (llama.cpp then uses global attention only).
     """
-    if tensor_type not in _QTYPES:
-        raise ValueError(f"tensor_type must be one of {', '.join(TENSOR_TYPES)}, got {tensor_type!r}")
-    if n_embd % n_head != 0 or (n_embd // n_head) % 2 != 0:
-        raise ValueError(f"n_embd ({n_embd}) must split into n_head ({n_head}) heads of even size")
-    if n_head % n_head_kv != 0:
-        raise ValueError(f"n_head ({n_head}) must be a multiple of n_head_kv ({n_head_kv})")
-    if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE}, got {vocab_size}")
+    shape = _Shape(n_layer, n_embd, n_head, n_head_kv, n_ff, vocab_size, context_length)
+    shape.check(tensor_type)
     if sliding_window < 0:
         raise ValueError(f"sliding_window must be 0 (none) or positive, got {sliding_window}")
     head_dim = n_embd // n_head
-    tensors = _random_weights(
-        np.random.default_rng(seed),
-        n_layer=n_layer,
-        n_embd=n_embd,
-        n_head=n_head,
-        n_head_kv=n_head_kv,
-        n_ff=n_ff,
-        vocab_size=vocab_size,
-    )
+    tensors = _random_weights(np.random.default_rng(seed), shape)
     for i in range(n_layer):
         blk = f"blk.{i}"
         # llama.cpp's converter stores Gemma's RMSNorm weights with the +1 already added: 1.0 is identity.
@@ -298,36 +311,17 @@ def write_tiny_gemma3(
         tensors[f"{blk}.attn_k_norm.weight"] = np.ones(head_dim, dtype=np.float32)
         tensors[f"{blk}.post_attention_norm.weight"] = np.full(n_embd, _GEMMA_POST_NORM, dtype=np.float32)
         tensors[f"{blk}.post_ffw_norm.weight"] = np.full(n_embd, _GEMMA_POST_NORM, dtype=np.float32)
-    qtype = _QTYPES[tensor_type]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(path, "gemma3")
-    try:
-        writer.add_name(name)
-        writer.add_file_type(_FILE_TYPES[tensor_type])
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_vocab_size(vocab_size)
-        writer.add_context_length(context_length)
-        writer.add_embedding_length(n_embd)
-        writer.add_block_count(n_layer)
-        writer.add_feed_forward_length(n_ff)
-        writer.add_head_count(n_head)
-        writer.add_head_count_kv(n_head_kv)
+
+    def add_attention(writer: gguf.GGUFWriter) -> None:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
         writer.add_rope_freq_base(1_000_000.0)
         writer.add_layer_norm_rms_eps(1e-6)
         writer.add_sliding_window(sliding_window)
-        _add_tokenizer(writer, vocab_size, chat_template)
-        for tensor_name, weights in tensors.items():
-            data, quantized = _encode(weights, qtype)
-            writer.add_tensor(tensor_name, data, raw_dtype=qtype if quantized else None)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    return path
+
+    return _write(
+        path, "gemma3", shape, tensors, add_attention, tensor_type=tensor_type, name=name, chat_template=chat_template
+    )
 
 
 def tiny_model_set(directory: Path, **kwargs: Any) -> dict[str, Path]:
