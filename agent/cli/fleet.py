@@ -187,17 +187,18 @@ class Operator:
         return self.devices
 
     def _observe(self, message: Incoming) -> None:
-        levels = message.topic.split("/")
-        if len(levels) != self.prefix.count("/") + 3 or levels[-1] not in ("status", "telemetry"):
+        report = self.topics.report(message.topic)
+        if report is None:
             return
+        device_id, kind = report
         try:
             data = json.loads(message.payload)
         except ValueError:
             return
         if not isinstance(data, dict):
             return
-        view = self.devices.setdefault(levels[-2], DeviceView(levels[-2]))
-        if levels[-1] == "status":
+        view = self.devices.setdefault(device_id, DeviceView(device_id))
+        if kind == "status":
             view.status = data
         else:
             view.telemetry = data

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from agent.gateway.errors import not_found, unavailable
 from agent.transport.telemetry import read_telemetry
+from agent.transport.topics import FleetWideTopics
 
 LIVE_STATES = ("online", "draining")
 FLEET = "fleet"
@@ -95,17 +96,15 @@ class Directory:
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
+        self._topics = FleetWideTopics(prefix)
         self._devices: dict[str, DeviceEntry] = {}
 
     def observe(self, topic: str, payload: bytes) -> bool:
         """Fold a status or telemetry message in; False when ``topic`` is neither (or the payload is not an object)."""
-        head = f"{self.prefix}/"
-        if not topic.startswith(head):
+        report = self._topics.report(topic)
+        if report is None:
             return False
-        levels = topic[len(head):].split("/")
-        if len(levels) != 2 or levels[1] not in ("status", "telemetry"):
-            return False
-        device_id, kind = levels
+        device_id, kind = report
         if not payload:  # a cleared retained message: the device is gone
             if kind == "status":
                 self._devices.pop(device_id, None)

@@ -168,6 +168,10 @@ class FleetTopics:
         return target
 
 
+ReportKind = Literal["status", "telemetry"]
+"""What a device publishes about itself under ``{prefix}/{device_id}/``: its retained status or its telemetry."""
+
+
 @dataclass(frozen=True, slots=True)
 class FleetWideTopics:
     """Topics shared by every device under one prefix: the fleet's infer topic and the operator's filters."""
@@ -202,6 +206,22 @@ class FleetWideTopics:
     def all_results(self) -> str:
         """Every device's fleet command results."""
         return f"{self.prefix}/+/cmd/{RESULT_LEVEL}"
+
+    def report(self, topic: str) -> tuple[str, ReportKind] | None:
+        """``(device_id, "status" | "telemetry")`` for a topic :attr:`all_status` or :attr:`all_telemetry`
+        matches; None for any other topic (replies, results, replayed telemetry, another prefix)."""
+        head = f"{self.prefix}/"
+        if not topic.startswith(head):
+            return None
+        levels = topic[len(head):].split("/")
+        if len(levels) != 2:
+            return None
+        device_id, kind = levels
+        if kind == "status":
+            return device_id, "status"
+        if kind == "telemetry":
+            return device_id, "telemetry"
+        return None
 
 
 def is_result_topic(topic: str) -> bool:

@@ -140,6 +140,16 @@ def test_fleet_wide_topics_are_the_documented_strings() -> None:
     assert is_result_topic("edge/dev1/cmd/result") and not is_result_topic("edge/dev1/cmd/ping")
 
 
+def test_fleet_wide_topics_read_back_a_device_report() -> None:
+    """report() names the device and kind of a topic the status/telemetry filters match, and nothing else."""
+    topics = FleetWideTopics("site/edge")
+    assert topics.report("site/edge/dev1/status") == ("dev1", "status")
+    assert topics.report("site/edge/dev1/telemetry") == ("dev1", "telemetry")
+    for other in ("site/edge/dev1/telemetry/replay", "site/edge/dev1/cmd/result", "site/edge/fleet/reply/op1",
+                  "other/edge/dev1/status", "site/dev1/status", "site/edge/dev1/events"):
+        assert topics.report(other) is None, other
+
+
 # -- execution and results --------------------------------------------------------------------------
 
 
