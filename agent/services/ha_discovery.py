@@ -180,6 +180,11 @@ def _common(topics: DeviceTopics, object_id: str, name: str, *, board: str | Non
     }
 
 
+def _present(optional: dict[str, Any]) -> dict[str, Any]:
+    """The optional fields a spec sets: one it leaves None is not sent, so HA applies its own default."""
+    return {k: v for k, v in optional.items() if v is not None}
+
+
 def _expire_after(interval_s: float) -> int:
     return max(1, round(interval_s * EXPIRE_AFTER_INTERVALS))
 
@@ -199,12 +204,11 @@ def sensor_config(
         "value_template": spec.value_template,
         "expire_after": _expire_after(interval_s),
     })
-    optional = {
+    config.update(_present({
         "unit_of_measurement": spec.unit, "device_class": spec.device_class, "state_class": spec.state_class,
         "icon": spec.icon, "options": list(spec.options) if spec.options else None,
         "suggested_display_precision": spec.precision, "entity_category": spec.category,
-    }  # fmt: skip
-    config.update({k: v for k, v in optional.items() if v is not None})
+    }))  # fmt: skip
     return config
 
 
@@ -227,8 +231,7 @@ def binary_sensor_config(
     if spec.source == "telemetry":
         # The status is retained and changes only on transitions; telemetry must keep coming.
         config["expire_after"] = _expire_after(interval_s)
-    optional = {"device_class": spec.device_class, "icon": spec.icon, "entity_category": spec.category}
-    config.update({k: v for k, v in optional.items() if v is not None})
+    config.update(_present({"device_class": spec.device_class, "icon": spec.icon, "entity_category": spec.category}))
     return config
 
 
@@ -257,8 +260,7 @@ def button_config(
         "retain": False,  # a retained command would run again on every reconnect of the device
         "entity_category": "config",
     })
-    optional = {"device_class": spec.device_class, "icon": spec.icon}
-    config.update({k: v for k, v in optional.items() if v is not None})
+    config.update(_present({"device_class": spec.device_class, "icon": spec.icon}))
     return config
 
 
