@@ -20,15 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from agent import __version__
 from agent.gateway.errors import GatewayError, bad_request
 from agent.gateway.targets import ModelEntry
-from agent.gateway.wire_request import WireBody, text_of
+from agent.gateway.wire_request import WireBody, wire_message
 from agent.transport.wire import describe_error
 
 API_VERSION = "0.6.0"
 """What ``/api/version`` reports: the Ollama API level whose endpoints and fields the gateway speaks."""
 
 DONE_REASONS: Mapping[str, str] = {"stop": "stop", "length": "length", "cancelled": "stop"}
-
-ROLES: Mapping[str, str] = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 class _Body(BaseModel):
@@ -110,16 +108,8 @@ def chat_to_wire(req: ChatRequest, request_id: str) -> dict[str, Any]:
         raise bad_request("tools: tool calling is not supported (in Home Assistant, turn off 'Control Home "
                           "Assistant' for this conversation agent)")
     body = _common(req, request_id)
-    messages = []
-    for i, message in enumerate(req.messages):
-        role = ROLES.get(message.role)
-        if role is None:
-            raise bad_request(f"messages.{i}.role: {message.role!r} is not supported (tools are not)")
-        if message.images:
-            raise bad_request(f"messages.{i}.images: images are not supported")
-        if message.tool_calls:
-            raise bad_request(f"messages.{i}: tool calls are not supported")
-        messages.append({"role": role, "content": text_of(message.content, f"messages.{i}.content")})
+    messages = [wire_message(i, m.role, m.content, tool_calls=m.tool_calls, images=m.images)
+                for i, m in enumerate(req.messages)]
     body.put("messages", messages)
     return body.finish()
 

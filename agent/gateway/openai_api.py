@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.gateway.errors import GatewayError, bad_request
 from agent.gateway.targets import ModelEntry
-from agent.gateway.wire_request import WireBody, text_of
+from agent.gateway.wire_request import WireBody, wire_message
 from agent.transport.wire import describe_error
 
 FINISH_REASONS: Mapping[str, str] = {"stop": "stop", "length": "length", "cancelled": "stop"}
@@ -29,9 +29,6 @@ ERROR_TYPES: Mapping[int, str] = {
     413: "invalid_request_error",
     429: "rate_limit_error",
 }
-
-ROLES: Mapping[str, str] = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-"""OpenAI roles → wire roles (a developer message is the system instruction of newer models)."""
 
 
 class _Body(BaseModel):
@@ -97,14 +94,7 @@ def to_wire(req: ChatCompletionRequest, request_id: str) -> dict[str, Any]:
     """The native request for ``req``; a 400 for anything the devices cannot honour."""
     _refuse_unsupported(req)
     body = WireBody(request_id)
-    messages = []
-    for i, message in enumerate(req.messages):
-        role = ROLES.get(message.role)
-        if role is None:
-            raise bad_request(f"messages.{i}.role: {message.role!r} is not supported (tools are not)")
-        if message.tool_calls:
-            raise bad_request(f"messages.{i}: tool calls are not supported")
-        messages.append({"role": role, "content": text_of(message.content, f"messages.{i}.content")})
+    messages = [wire_message(i, m.role, m.content, tool_calls=m.tool_calls) for i, m in enumerate(req.messages)]
     body.put("messages", messages)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     body.put("max_tokens", max_tokens)

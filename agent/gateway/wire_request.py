@@ -9,12 +9,16 @@ InferRequest before it leaves, so a bad value is a 400 from the gateway rather t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
 
 from agent.gateway.errors import bad_request
 from agent.transport.wire import InferRequest, describe_error
+
+ROLES: Mapping[str, str] = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+"""Chat roles of both HTTP APIs → wire roles (a developer message is the system instruction of newer models)."""
 
 
 def wire_accepts(name: str) -> bool:
@@ -68,3 +72,17 @@ def text_of(content: Any, where: str) -> str:
                 raise bad_request(f"{where}: only text content parts are supported (got {kind!r})")
         return "".join(texts)
     raise bad_request(f"{where}: content must be a string or a list of text parts")
+
+
+def wire_message(i: int, role: str, content: Any, *, tool_calls: list[Any] | None,
+                 images: list[Any] | None = None) -> dict[str, str]:
+    """Chat message ``i`` as the wire's ``{role, content}``; a 400 naming the field for a role the devices do not
+    have (tool results), images or tool calls."""
+    wire_role = ROLES.get(role)
+    if wire_role is None:
+        raise bad_request(f"messages.{i}.role: {role!r} is not supported (tools are not)")
+    if images:
+        raise bad_request(f"messages.{i}.images: images are not supported")
+    if tool_calls:
+        raise bad_request(f"messages.{i}: tool calls are not supported")
+    return {"role": wire_role, "content": text_of(content, f"messages.{i}.content")}
