@@ -34,8 +34,7 @@ from agent.transport.topics import (
     parse_target,
     result_topic,
 )
-
-LIVE_STATES = ("online", "draining")
+from agent.transport.wire import LIVE_STATES
 
 
 def fleet_settings(settings: Settings) -> FleetSettings:

@@ -38,8 +38,8 @@ from agent.catalog.quants import is_weights_file, normalize_tag, parse_quant_tag
 from agent.cli.config_cmd import add_config_argument
 from agent.errors import AgentError, BadRequestError, NotFoundError, TransportError
 from agent.settings import Settings, load_settings
+from agent.transport.wire import LIVE_STATES
 
-LIVE_STATES = ("online", "draining")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _PARTIALS = (f"*{PARTIAL_SUFFIX}", "*.incomplete")
 

@@ -13,10 +13,11 @@ import time
 from typing import Any
 
 from agent.cli.config_cmd import add_config_argument
-from agent.cli.fleet import LIVE_STATES, DeviceView, Operator, fleet_settings
+from agent.cli.fleet import DeviceView, Operator, fleet_settings
 from agent.errors import NotFoundError
 from agent.settings import load_settings
 from agent.transport.topics import DeviceTopics
+from agent.transport.wire import LIVE_STATES
 
 QUIET_S = 1.0
 """Retained messages arrive right after the subscription; this long with nothing more means none are left."""

@@ -17,8 +17,8 @@ from typing import Any, Literal
 from agent.gateway.errors import not_found, unavailable
 from agent.transport.telemetry import read_telemetry
 from agent.transport.topics import FleetWideTopics
+from agent.transport.wire import LIVE_STATES
 
-LIVE_STATES = ("online", "draining")
 FLEET = "fleet"
 GROUP_PREFIX = "group:"
 

@@ -244,6 +244,10 @@ class PullProgress(WireModel):
     percent: float = Field(ge=0, le=100)
 
 
+#: Status states of a device that serves (draining: finishing its work, taking no new fleet requests).
+LIVE_STATES: tuple[str, ...] = ("online", "draining")
+
+
 class Status(WireModel):
     """Retained on ``{prefix}/{device_id}/status``: what this device is now.
 
