@@ -12,7 +12,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -40,9 +39,6 @@ class LlamaServer:
         self.model, self.port, self.n_ctx, self.threads, self.timeout_s = model, port, n_ctx, threads, timeout_s
         self._log_path = workdir / "llama-server.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        self._local = threading.local()
-        self._conns: list[http.client.HTTPConnection] = []
-        self._lock = threading.Lock()
 
     def start(self) -> float:
         """Start the server; returns seconds from process start to its first answered GET /v1/models."""
@@ -71,13 +67,10 @@ class LlamaServer:
                            f"{self._log_path.read_text(errors='replace')[-3000:]}")
 
     def _conn(self) -> http.client.HTTPConnection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout_s)
-            conn.connect()  # connected before the clock starts, as the MQTT clients are
-            self._local.conn = conn
-            with self._lock:
-                self._conns.append(conn)
+        # A fresh connection per request, connected before the clock starts (as the MQTT clients are): a
+        # kept-alive one idles between rounds past uvicorn's keep-alive timeout (5 s) and fails on reuse.
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout_s)
+        conn.connect()
         return conn
 
     def _stream(self, conn: http.client.HTTPConnection, body: str) -> tuple[float, float, int]:
@@ -111,9 +104,9 @@ class LlamaServer:
         try:
             first, last, tokens = self._stream(conn, body)
         except (OSError, http.client.HTTPException, RuntimeError, ValueError) as exc:
-            self._local.conn = None
-            conn.close()
             return Sample(self.name, start=start, end=time.perf_counter(), error=f"{type(exc).__name__}: {exc}")
+        finally:
+            conn.close()
         return Sample(self.name, tokens=tokens, total_ms=(last - start) * 1000, ttft_ms=(first - start) * 1000,
                       decode_tps=(tokens - 1) / (last - first) if tokens > 1 and last > first else 0.0,
                       start=start, end=last)
@@ -122,8 +115,4 @@ class LlamaServer:
         return [self.proc.pid] if self.proc is not None and self.proc.poll() is None else []
 
     def stop(self) -> None:
-        with self._lock:
-            for conn in self._conns:
-                conn.close()
-            self._conns.clear()
         stop_process(self.proc, grace_s=10.0)

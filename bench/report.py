@@ -90,6 +90,13 @@ def model_section(res: ModelResult, cfg: BenchConfig, plot: str | None, *, headi
                   f"{_f(q8.ttft_p50 - f16.ttft_p50, '+.1f')} | {_f((rss8 - rss16) / MiB, '+.1f')} |"]
     if plot:
         lines += ["", f"![{res.model.label}]({plot})"]
+    failures = sorted({f"{labels.get(s.contender.removesuffix('-nostream'), s.contender)}: {s.error}"
+                       for samples in res.single.values() for s in samples if s.error}
+                      | {f"{labels.get(s.contender, s.contender)} ({run.clients} clients): {s.error}"
+                         for runs in res.levels.values() for rs in runs.values() for run in rs
+                         for s in run.samples if s.error})
+    if failures:
+        lines += ["", "Failed requests:", "", *[f"- {f}" for f in failures[:20]]]
     if res.skipped:
         lines += ["", "Skipped: " + "; ".join(res.skipped) + "."]
     if res.errors:
