@@ -540,3 +540,24 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def test_starting_a_sequence_frees_the_cells_other_idle_slots_kept(tmp_path: Path) -> None:
+    """Idle slots' cached cells would widen every later token's attention span in the unified cache: a new
+    sequence keeps only the cells it reuses (one slot's), the other idle slots are emptied."""
+    engine = LlamaEngine(write_tiny_llama(tmp_path / "m.gguf", tensor_type="Q8_0"), n_ctx=256, threads=1, parallel=3)
+    engine.load()
+    try:
+        prompts = [engine.tokenize_prompt(p) for p in ("one two three", "four five six", "seven eight nine")]
+        done: list[object] = []
+        for tokens in prompts:  # three at once: three slots end holding their cells
+            engine.start(tokens, SamplingParams(max_tokens=4, temperature=0), lambda _t: None, done.append)
+        while engine.active:
+            engine.step()
+        assert sum(bool(s.tokens) for s in engine._slots) == 3
+        engine.start(prompts[0], SamplingParams(max_tokens=2, temperature=0), lambda _t: None, done.append)
+        assert sum(bool(s.tokens) for s in engine._slots) == 1
+        while engine.active:
+            engine.step()
+    finally:
+        engine.close()
