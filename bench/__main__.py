@@ -31,7 +31,7 @@ from types import FrameType
 from bench import models as bench_models
 from bench.estimate import estimate_table
 from bench.models import REPO, BenchModel, ModelUnavailableError
-from bench.report import RunInfo, board_section, model_section, plot_model, refresh_docs, results_markdown
+from bench.report import RunInfo, model_section, plot_model, refresh_docs, results_markdown
 from bench.suite import BenchConfig, ModelResult, run_model
 
 if str(REPO) not in sys.path:
@@ -160,8 +160,8 @@ def _docs(info: RunInfo, cfg: BenchConfig, results: list[ModelResult], *, out: P
     for res in results:
         plot = plots.get(res.model.slug)
         generated.append(model_section(res, cfg, str(rel / plot) if plot else None, heading="###"))
-    generated += ["### Memory estimate accuracy", "", estimate.strip(), "",
-                  board_section(results, cfg).replace("## ", "### ", 1)]
+    # What to expect on a board is interpretation (which run's batching gain to extrapolate from): written by hand.
+    generated += ["### Memory estimate accuracy", "", estimate.strip()]
     return "\n".join(generated)
 
 

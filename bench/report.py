@@ -174,7 +174,7 @@ def plot_model(res: ModelResult, cfg: BenchConfig, path: Path) -> bool:
     except ImportError:
         return False
     rows = level_rows(res)
-    colors = {name: f"C{i}" for i, name in enumerate(["raw", "http", "p1", "q8", *sorted(res.levels)])}
+    colors = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(["raw", "http", "p1", "q8", *sorted(res.levels)]))}
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
     for name in res.levels:
         mine = [r for r in rows if r.name == name]
