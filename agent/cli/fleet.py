@@ -34,7 +34,7 @@ from agent.transport.topics import (
     parse_target,
     result_topic,
 )
-from agent.transport.wire import LIVE_STATES
+from agent.transport.wire import LIVE_STATES, decode_object
 
 
 def fleet_settings(settings: Settings) -> FleetSettings:
@@ -191,10 +191,8 @@ class Operator:
             return
         device_id, kind = report
         try:
-            data = json.loads(message.payload)
-        except ValueError:
-            return
-        if not isinstance(data, dict):
+            data = decode_object(message.payload)  # nesting checked first: json.loads recursing could raise
+        except AgentError:
             return
         view = self.devices.setdefault(device_id, DeviceView(device_id))
         if kind == "status":

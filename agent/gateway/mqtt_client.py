@@ -22,12 +22,13 @@ from typing import Any
 
 import structlog
 
-from agent.errors import TooLargeError, TransportError
+from agent.errors import AgentError, TooLargeError, TransportError
 from agent.gateway.errors import GatewayError, from_wire, timed_out
 from agent.gateway.targets import Directory, Target
 from agent.settings import Settings
 from agent.transport.mqtt import Connected, Disconnected, Incoming, LinkEvent, MqttLink
 from agent.transport.topics import DeviceTopics, FleetWideTopics
+from agent.transport.wire import decode_object
 
 log = structlog.get_logger("agent.gateway")
 
@@ -255,10 +256,8 @@ class GatewayClient:
 
     def _reply(self, message: Incoming) -> None:
         try:
-            data = json.loads(message.payload)
-        except ValueError:
-            return
-        if not isinstance(data, dict):
+            data = decode_object(message.payload)  # nesting checked first: json.loads recursing could raise
+        except AgentError:
             return
         key = message.correlation_data.decode(errors="replace") if message.correlation_data else data.get("id")
         exchange = self._pending.get(key) if isinstance(key, str) else None

@@ -412,6 +412,20 @@ def test_requests_to_a_device_that_goes_offline_fail_502() -> None:
     asyncio.run(run())
 
 
+def test_a_hostile_reply_is_ignored_not_raised() -> None:
+    """A reply nested deeper than any real one (json.loads would recurse past Python's limit) or not an object
+    is dropped by the reply handler; the exchange it names keeps waiting for a real answer."""
+    from agent.gateway.mqtt_client import GatewayClient
+    from agent.settings import Settings
+    from agent.transport.mqtt import Incoming
+
+    client = GatewayClient(Settings(device_id="ops"))  # type: ignore[call-arg]
+    for payload in (b"[" * 100_000, b"[1, 2]", b"\xff"):
+        message = Incoming(topic="edge/ops/reply/gw", payload=payload, qos=1, mid=1, dup=False, response_topic=None,
+                           correlation_data=b"r1", message_expiry_s=None, received_at=0.0)
+        client._reply(message)  # must not raise
+
+
 def _incoming(cls: Any, topic: str, body: dict[str, Any]) -> Any:
     return cls(topic=topic, payload=json.dumps(body).encode(), qos=1, mid=1, dup=False, response_topic=None,
                correlation_data=None, message_expiry_s=None, received_at=0.0)
