@@ -486,7 +486,7 @@ class InferenceService:
             with self._lock:
                 self._in_system -= 1
 
-    def _start(self, engine: LlamaEngine, job: Job) -> None:
+    def _start(self, engine: LlamaEngine, job: Job) -> None:  # noqa: PLR0915 - the request's callbacks close over it
         if job.deadline is not None and job.started >= job.deadline:
             raise DeadlineExceededError("the request's deadline passed while it waited in the queue")
         if job.cancel.is_set():
@@ -518,6 +518,7 @@ class InferenceService:
         seq = 0
         last = 0.0
         held: list[str] = []
+        failed: list[AgentError] = []  # a chunk the link refused (e.g. over the broker's packet limit)
 
         def on_text(delta: str) -> None:
             # The first piece goes out at once (time to first token); later pieces that arrive faster
@@ -526,21 +527,34 @@ class InferenceService:
             nonlocal seq, last
             held.append(delta)
             now = clock()
-            if seq and now - last < interval:
+            if (seq and now - last < interval) or failed:
                 return
-            publish(topic, make_chunk(rid, seq, "".join(held)), qos=1, correlation_data=corr)
+            try:
+                publish(topic, make_chunk(rid, seq, "".join(held)), qos=1, correlation_data=corr)
+            except AgentError as exc:  # the sequence stops; its answer is this error
+                failed.append(exc)
+                job.cancel.set()
+                return
             held.clear()
             seq += 1
             last = now
 
         def on_done(outcome: Outcome) -> None:
+            # Called from inside the engine's step: whatever fails here is this request's answer, never the
+            # batch's (a final reply over the broker's packet limit is answered 'too_large').
             self._end_job(job)
-            if isinstance(outcome, AgentError):
-                self._finish_error(job, outcome)
+            if isinstance(outcome, AgentError) or failed:
+                self._finish_error(job, outcome if isinstance(outcome, AgentError) else failed[0])
                 return
-            if held:
-                publish(topic, make_chunk(rid, seq, "".join(held)), qos=1, correlation_data=corr)
-            self._finish_ok(job, outcome, job.started)
+            try:
+                if held:
+                    publish(topic, make_chunk(rid, seq, "".join(held)), qos=1, correlation_data=corr)
+                self._finish_ok(job, outcome, job.started)
+            except AgentError as exc:
+                self._finish_error(job, exc)
+            except Exception as exc:
+                log.exception("request_crashed", id=job.request_id)
+                self._finish_error(job, AgentError(f"internal error: {type(exc).__name__}"))
 
         engine.start(tokens, params, on_text if req.stream else _discard, on_done, job.cancel.is_set)
 

@@ -51,7 +51,7 @@ def render(engine: LlamaEngine, messages: list[dict[str, str]]) -> tuple[str, bo
     except BadRequestError as exc:
         assert "chat template" in str(exc)  # noqa: PT017 - the message, not whether it raised, is the point
         return str(exc), True
-    return engine._llm.detokenize(tokens).decode(errors="replace"), False  # type: ignore[attr-defined]
+    return engine._model.detokenize(tokens).decode(errors="replace"), False  # type: ignore[attr-defined]
 
 
 @pytest.fixture
