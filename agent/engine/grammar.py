@@ -3,16 +3,26 @@
 Small models asked for JSON in words still answer with prose around it, or stop half-way; a grammar
 in the sampler chain removes every token that would break the JSON, so the text always parses (unless
 generation stops at ``max_tokens`` first). llama-cpp-python ships the converter from JSON Schema to
-GBNF (the one llama.cpp's server uses); this module only chooses and checks.
+GBNF (the one llama.cpp's server uses); this module chooses, checks, and mends one rule of it.
+
+The mended rule: the converter's ``char`` (one character inside a JSON string) is ``[^"\\]``, which
+lets a raw newline, tab or other control character into a string. JSON forbids those unescaped
+(RFC 8259, section 7), so ``json.loads`` refused a reply SmolLM2 wrote under the grammar. llama.cpp's
+own ``grammars/json.gbnf`` excludes them; :data:`JSON_CHAR` is that rule.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from typing import Any
 
 from agent.errors import BadRequestError
+
+#: One character of a JSON string: anything but a quote, a backslash or a control character, or an escape.
+JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])'
+_LOOSE_CHAR = re.compile(r"^char ::= .*$", re.MULTILINE)
 
 
 def grammar_for(kind: str, schema: dict[str, Any] | None = None) -> str | None:
@@ -37,8 +47,9 @@ def _from_schema(schema_json: str) -> str:
     from llama_cpp.llama_grammar import json_schema_to_gbnf  # noqa: PLC0415 - loaded with the model anyway
 
     try:
-        return str(json_schema_to_gbnf(schema_json))
+        grammar = str(json_schema_to_gbnf(schema_json))
     except Exception as exc:  # the converter raises ValueError, KeyError, NotImplementedError ... on odd schemas
         raise BadRequestError(
             f"response_format: this JSON Schema cannot be enforced ({type(exc).__name__}: {exc})"
         ) from exc
+    return _LOOSE_CHAR.sub(lambda _: JSON_CHAR, grammar)
