@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agent import __version__
-from agent.cli import COMMAND_MODULES
+from agent.cli import COMMAND_NAMES, command_modules
 from agent.cli.exit_codes import (
     EXIT_CODES_HELP,
     EXIT_INTERNAL,
@@ -36,7 +36,9 @@ DAEMON_COMMANDS = frozenset({"run"})
 """Commands that are the daemon: they end with the daemon's codes only (systemd's restart rules)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Sequence[str] = COMMAND_NAMES) -> argparse.ArgumentParser:
+    """The whole command tree, or only ``commands`` (the daemon's parser holds ``run`` alone, so the resident
+    process never imports the client commands)."""
     parser = argparse.ArgumentParser(
         prog="edge-agent",
         description="Serve small GGUF language models over MQTT from a Linux board.",
@@ -45,14 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in COMMAND_MODULES:
+    for module in command_modules(commands):
         module.add_parser(subparsers)
     parser.set_defaults(root_parser=parser)  # `completion` walks the whole tree
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(["run"] if argv[:1] == ["run"] else COMMAND_NAMES)
     args = parser.parse_args(argv)
     # One-shot commands log warnings to stderr; `run` reconfigures for the daemon from its settings.
     configure_logging("warning", "console", stream=sys.stderr)

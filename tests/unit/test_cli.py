@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,6 +108,31 @@ def test_help_lists_the_exit_codes() -> None:
     assert EXIT_CODES_HELP.splitlines()[0] in text
     for code in ("69", "75", "77", "78", "65", "66", "68", "79", "124", "130"):
         assert f"\n  {code} " in text
+
+
+def test_the_daemon_loads_none_of_the_client_commands() -> None:
+    """`edge-agent run` parses with a tree of `run` alone: the resident process never imports the Hub client,
+    httpx or tqdm that `models`, `chat` or `fleet` need (8.7 MiB of RSS on a fixed-file device)."""
+    probe = (
+        "import sys; from agent.__main__ import build_parser; "
+        "args = build_parser(['run']).parse_args(['run', '--config', 'x.toml']); "
+        "print(args.command, sorted(m for m in sys.modules if m.startswith('agent.cli.') or m in "
+        "('huggingface_hub', 'httpx2', 'tqdm', 'agent.catalog.hub')))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split(" ", 1)
+    assert out[0] == "run"
+    loaded = ast.literal_eval(out[1])
+    assert set(loaded) <= {"agent.cli.run", "agent.cli.config_cmd", "agent.cli.exit_codes", "agent.cli.device_client"}
+    assert "agent.cli.run" in loaded
+
+
+def test_every_command_module_is_named_once() -> None:
+    """The lazily imported command list matches the modules in agent/cli that define a command."""
+    import agent.cli
+
+    here = Path(agent.cli.__file__).parent
+    with_parser = {p.stem for p in here.glob("*.py") if "def add_parser(" in p.read_text()}
+    assert sorted(with_parser) == sorted(agent.cli.COMMAND_NAMES)
 
 
 def config_file(tmp_path: Path, text: str = "") -> Path:
