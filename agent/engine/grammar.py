@@ -8,7 +8,7 @@ GBNF (the one llama.cpp's server uses); this module chooses, checks, and mends o
 The mended rule: the converter's ``char`` (one character inside a JSON string) is ``[^"\\]``, which
 lets a raw newline, tab or other control character into a string. JSON forbids those unescaped
 (RFC 8259, section 7), so ``json.loads`` refused a reply SmolLM2 wrote under the grammar. llama.cpp's
-own ``grammars/json.gbnf`` excludes them; :data:`JSON_CHAR` is that rule.
+own ``grammars/json.gbnf`` excludes them; :data:`JSON_CHAR_CLASS` is its class.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from typing import Any
 
 from agent.errors import BadRequestError
 
-#: One character of a JSON string: anything but a quote, a backslash or a control character, or an escape.
-JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])'
-_LOOSE_CHAR = re.compile(r"^char ::= .*$", re.MULTILINE)
+#: The converter's loose character class and the one JSON allows (llama.cpp's grammars/json.gbnf): no
+#: quote, backslash or control character. Matched as a rule's whole start, whatever the rule is named.
+_LOOSE_CHAR = re.compile(r'^([\w-]+) ::= \[\^"\\\\\] \| ', re.MULTILINE)
+JSON_CHAR_CLASS = r'[^"\\\x7F\x00-\x1F]'
 
 
 def grammar_for(kind: str, schema: dict[str, Any] | None = None) -> str | None:
@@ -52,4 +53,4 @@ def _from_schema(schema_json: str) -> str:
         raise BadRequestError(
             f"response_format: this JSON Schema cannot be enforced ({type(exc).__name__}: {exc})"
         ) from exc
-    return _LOOSE_CHAR.sub(lambda _: JSON_CHAR, grammar)
+    return _LOOSE_CHAR.sub(lambda m: f"{m.group(1)} ::= {JSON_CHAR_CLASS} | ", grammar)

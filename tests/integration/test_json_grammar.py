@@ -60,3 +60,23 @@ def test_a_string_refuses_raw_control_characters_and_takes_text_and_escapes(voca
     assert allowed_after(vocab, grammar, '{"note": "\\', ["n", "t", "u", "x"]) == {
         "n": True, "t": True, "u": True, "x": False}
 
+
+
+@pytest.mark.parametrize("schema", [
+    None,  # json_object
+    NOTE,
+    {"type": "object", "properties": {"char": {"type": "string", "maxLength": 3}}, "required": ["char"]},
+    {"type": "array",
+     "items": {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}}}}},
+])
+def test_no_string_rule_keeps_the_loose_class(vocab: Any, schema: dict[str, Any] | None) -> None:
+    """Whatever the schema (and however the converter names its rules), every string character excludes control
+    characters, and llama.cpp accepts the grammar."""
+    import llama_cpp
+
+    grammar = grammar_for("json_object" if schema is None else "json_schema", schema)
+    assert grammar is not None
+    assert '[^"\\\\]' not in grammar and '[^"\\\\\\x7F\\x00-\\x1F]' in grammar
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab.vocab, grammar.encode(), b"root")
+    assert sampler is not None
+    llama_cpp.llama_sampler_free(sampler)
