@@ -55,7 +55,7 @@ def build_parser(commands: Sequence[str] = COMMAND_NAMES) -> argparse.ArgumentPa
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(["run"] if argv[:1] == ["run"] else COMMAND_NAMES)
+    parser = build_parser(argv[:1] if argv[:1] and argv[0] in DAEMON_COMMANDS else COMMAND_NAMES)
     args = parser.parse_args(argv)
     # One-shot commands log warnings to stderr; `run` reconfigures for the daemon from its settings.
     configure_logging("warning", "console", stream=sys.stderr)

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print("| model | sequences | aggregate tokens/s | x one | step ms | llama_decode ms | rest ms |")
     print("|---|---|---|---|---|---|---|")
-    models = [(MODELS[name]().label, MODELS[name]().path) for name in args.models]
+    models = [(m.label, m.path) for m in (MODELS[name]() for name in args.models)]
     for label, path in [*models, *((f.name, f) for f in args.files)]:
         engine = LlamaEngine(Path(path), n_ctx=2048, threads=args.threads, parallel=4)
         engine.load()

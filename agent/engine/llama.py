@@ -560,9 +560,7 @@ class LlamaEngine:
         import llama_cpp  # noqa: PLC0415
 
         if not self._reuse_prefix:
-            slot = min(free, key=lambda i: self._slots[i].used_at)
-            self._forget_slot(slot)
-            return slot, 0
+            return free[0], 0  # without reuse, every way a sequence ends (_end, _fail) already freed its cells
         # At least one prompt token is evaluated, for the logits of the first generated token.
         limit = len(prompt) - 1
 
