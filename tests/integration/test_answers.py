@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.answers import QUESTIONS
 from tests.support.daemon import Client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -42,12 +43,6 @@ def demo_model() -> Path:
         pytest.skip(f"the demo model could not be fetched: {exc}")
 
 
-QUESTIONS = [
-    ("What is the capital of France?", r"paris"),
-    ("What is the capital of Japan?", r"tokyo"),
-    ("How many legs does a spider have?", r"\beight\b|\b8\b"),
-    ("What color is the sky on a clear day?", r"blue"),
-]
 
 
 def test_the_demo_model_answers_facts_with_the_defaults(start_daemon, client: Client, demo_model: Path) -> None:
